@@ -1,0 +1,296 @@
+"""One typed config for model, optimisation, data and run; presets, YAML/CLI overrides, validation.
+
+Every MOCA hyper-parameter of the paper is a field with the paper's ViT-B/16 default
+(valeoai/MOCA main_pretrain.py + moca_vit_base_patch16_dec2). A preset is a named set of
+overrides of those defaults; a YAML file or `key=value` strings override further.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed setting; the message is one line naming the setting."""
+
+
+@dataclass
+class Config:
+    # --- encoder (ViT) ---
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    early_layer: int = 4  # intermediate tokens are taken after block depth-1-early_layer
+    # --- decoder (dense loss) ---
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 2
+    decoder_num_heads: int = 16
+    # --- online codebook and teacher assignments ---
+    num_words: int = 4096
+    num_new_words: int = 32  # per step over all ranks; each rank draws num_new_words // world_size
+    codebook_sync: str = "rank0"  # "rank0": rank 0 draws, broadcast; "gather": every rank contributes
+    inv_delta: float = 10.0
+    skip_offset: int = 2
+    dist_norm_decay: float = 0.99
+    dist_norm_init: float = 0.5
+    # --- prediction heads and losses ---
+    kappa: float = 3.0
+    pred_mlp_ratio: float = 2.0
+    mask_ratio: tuple = (0.55, 0.75)
+    dec_mask_ratio: tuple = (0.35, 0.55)
+    img_weight: float = 0.5
+    loc_weight: float = 0.5
+    # --- implementation choices ---
+    impl: str = "reference"  # "reference" (pure PyTorch) or "fast" (fused Triton kernels)
+    attention: str = "auto"  # "auto", "sdpa", "xformers"
+    # --- optimisation ---
+    epochs: int = 200
+    batch_size: int = 256  # per GPU (per rank)
+    grad_accum: int = 1
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256 unless lr is set
+    lr: float | None = None
+    warmup_epochs: float = 30.0
+    lr_epochs_mul: float = 1.25  # the cosine reaches 0 at lr_epochs_mul * epochs
+    weight_decay: float = 0.05
+    weight_decay_end: float = 0.20
+    lr_wgen: float = 1e-4
+    weight_decay_wgen: float = 0.05
+    clip_grad: float = 0.1
+    momentum_start: float = 0.994
+    momentum_cosine: bool = True
+    adam_betas: tuple = (0.9, 0.999)
+    zero_stage: int = 2
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
+    seed: int = 0
+    # --- data ---
+    data: str | None = None  # folder of images (class sub-folders or flat); None: the demo set
+    data_backend: str = "auto"  # "auto", "dali", "torch", "synthetic"
+    crop_min: float = 0.2
+    num_workers: int = 8
+    bad_files: str = "skip"  # "skip" (count and log) or "error" (one line naming the file)
+    # --- run ---
+    output: str = "output"
+    max_steps: int | None = None
+    log_every: int = 20
+    ckpt_every: int = 500  # steps; a final checkpoint is always written
+    eval_every: int = 20  # epochs; 0 disables the periodic k-NN
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+    # ------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def len_keep(self) -> tuple[int, int]:
+        """Encoder-visible tokens per masking round (official int(L*(1-r)))."""
+        return tuple(int(self.num_patches * (1 - r)) for r in self.mask_ratio)
+
+    def len_dec(self) -> tuple[int, int]:
+        """Decoder positions per masking round."""
+        return tuple(int(self.num_patches * (1 - r)) for r in self.dec_mask_ratio)
+
+    def words_per_step(self, world_size: int = 1) -> int:
+        """New codebook words per step that survive on every rank."""
+        per_rank = self.num_new_words // world_size
+        return per_rank * world_size if self.codebook_sync == "gather" else per_rank
+
+    def replace(self, **overrides) -> "Config":
+        return apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Rejects impossible settings with one clear line (ConfigError)."""
+        def fail(msg):
+            raise ConfigError(msg)
+
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                     "decoder_depth", "decoder_num_heads", "num_words", "num_new_words", "batch_size",
+                     "grad_accum", "epochs"):
+            if getattr(self, name) < 1:
+                fail(f"{name}={getattr(self, name)} must be >= 1")
+        if self.img_size % self.patch_size:
+            fail(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            fail(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            fail(f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
+                 f"decoder_num_heads={self.decoder_num_heads}")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            fail("embed_dim and decoder_embed_dim must be multiples of 4 (2-D sin-cos position embedding)")
+        if not 0 <= self.early_layer < self.depth:
+            fail(f"early_layer={self.early_layer} must be in [0, depth={self.depth})")
+        if len(self.mask_ratio) != 2 or len(self.dec_mask_ratio) != 2:
+            fail("mask_ratio and dec_mask_ratio need exactly two values (two complementary masking rounds)")
+        for name in ("mask_ratio", "dec_mask_ratio"):
+            for r in getattr(self, name):
+                if not 0.0 <= r < 1.0:
+                    fail(f"{name}={list(getattr(self, name))}: every ratio must be in [0, 1)")
+        L = self.num_patches
+        keep, dec = self.len_keep(), self.len_dec()
+        for i in range(2):
+            if keep[i] < 1:
+                fail(f"mask_ratio[{i}]={self.mask_ratio[i]} leaves no visible token of L={L}")
+            if self.dec_mask_ratio[i] >= self.mask_ratio[i] or dec[i] <= keep[i]:
+                fail(f"dec_mask_ratio[{i}]={self.dec_mask_ratio[i]} must be smaller than "
+                     f"mask_ratio[{i}]={self.mask_ratio[i]} and give the decoder more tokens "
+                     f"({dec[i]}) than the encoder ({keep[i]})")
+        if L - dec[0] < keep[1]:
+            fail(f"complementary masks do not fit in L={L}: round 2 needs {keep[1]} tokens outside "
+                 f"round 1's {dec[0]} decoder positions, only {L - dec[0]} remain")
+        if self.grid_size <= 2 * self.skip_offset:
+            fail(f"skip_offset={self.skip_offset} leaves no interior token in a "
+                 f"{self.grid_size}x{self.grid_size} grid")
+        if self.codebook_sync not in ("rank0", "gather"):
+            fail(f"codebook_sync={self.codebook_sync!r} must be 'rank0' or 'gather'")
+        if self.num_new_words < world_size:
+            fail(f"num_new_words={self.num_new_words} gives no new word per rank with world_size={world_size}")
+        per_rank = self.num_new_words // world_size
+        if per_rank > self.batch_size:
+            fail(f"num_new_words // world_size = {per_rank} new words per rank exceeds the "
+                 f"{self.batch_size} images per rank (batch_size)")
+        words = self.words_per_step(world_size)
+        if self.num_words % words:
+            fail(f"num_words={self.num_words} is not a multiple of the {words} words added per step "
+                 f"(num_new_words={self.num_new_words}, world_size={world_size}, codebook_sync={self.codebook_sync})")
+        if self.impl not in ("reference", "fast"):
+            fail(f"impl={self.impl!r} must be 'reference' or 'fast'")
+        if self.attention not in ("auto", "sdpa", "xformers"):
+            fail(f"attention={self.attention!r} must be 'auto', 'sdpa' or 'xformers'")
+        if self.data_backend not in ("auto", "dali", "torch", "synthetic"):
+            fail(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
+        if self.bad_files not in ("skip", "error"):
+            fail(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
+        if self.zero_stage not in (0, 1, 2):
+            fail(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.lr_epochs_mul < 1:
+            fail(f"lr_epochs_mul={self.lr_epochs_mul} must be >= 1")
+        if not 0 < self.momentum_start <= 1:
+            fail(f"momentum_start={self.momentum_start} must be in (0, 1]")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail(f"max_steps={self.max_steps} must be >= 1")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's recipe: valeoai/MOCA moca_vit_base_patch16_dec2 with main_pretrain.py defaults.
+    "vit_base_dec2": {},
+    "vit_large_dec2": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_small_dec2": dict(embed_dim=384, depth=12, num_heads=6),
+    # Unit tests: a CPU step in well under a second.
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, early_layer=1,
+                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_words=64,
+                 num_new_words=4, batch_size=4, epochs=2, warmup_epochs=0.5, num_workers=0,
+                 log_every=1, ckpt_every=50, eval_every=0),
+    # The embedded demo: a small ViT on MNIST digits, minutes on 2 CPU cores.
+    "demo": dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, early_layer=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, num_words=512,
+                 num_new_words=8, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,
+                 lr_wgen=1e-3, skip_offset=1, momentum_start=0.99, num_workers=2, log_every=10,
+                 ckpt_every=200, eval_every=0, output="output/demo"),
+}
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Parses a YAML/CLI value into the field's type; one-line error naming the field."""
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    try:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if "None" in text:
+                return None
+            raise ValueError("None is not allowed")
+        if text.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.strip("[]() ").replace(",", " ").split()]
+            return tuple(float(v) for v in value)
+        base = text.replace(" | None", "").strip()
+        if base == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(f"{value!r} is not a boolean")
+            return bool(value)
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"setting {name}={value!r}: {e}") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    values = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r} (see moca_fast/config.py for the fields)")
+        values[key] = _coerce(key, value, fields[key].type if isinstance(fields[key].type, str) else hints[key])
+    return dataclasses.replace(cfg, **values)
+
+
+def parse_kv(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(preset: str | None = "vit_base_dec2", yaml_path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Preset -> YAML file -> overrides, in that order of precedence (later wins).
+
+    A YAML file may name its own base with a top-level `preset:` key.
+    """
+    file_values: dict[str, Any] = {}
+    if yaml_path is not None:
+        import yaml
+
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+        preset = file_values.pop("preset", preset)
+    preset = preset or "vit_base_dec2"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    cfg = apply_overrides(cfg, file_values)
+    return apply_overrides(cfg, overrides or {})
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

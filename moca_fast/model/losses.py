@@ -1,0 +1,99 @@
+"""Teacher targets and the two KL losses: the reference (pure PyTorch) path and the fast-path dispatch.
+
+The reference functions here define the semantics; the fused Triton ops in moca_fast.kernels compute
+the same functions without materialising [rows, K] tensors and are checked against these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moca_fast.model.codebook import NORM_EPS
+
+
+@dataclass
+class TeacherTargets:
+    """Targets of one step for the student views cat(view1, view2) ([2B] images).
+
+    bow: [2B, K] cross-view bag-of-words (row b: the bow of the *other* view of image b).
+    codes: [2B, L, K] same-view soft codes (reference path), or None.
+    tokens: [2B, L, C] teacher final patch tokens (fast path: codes are recomputed inside the loss).
+    words: [K, C] codebook before this step's update; inv_temp: [1] = inv_delta / dist_norm_prev.
+    """
+
+    bow: torch.Tensor
+    codes: torch.Tensor | None
+    tokens: torch.Tensor | None
+    words: torch.Tensor
+    inv_temp: torch.Tensor
+
+
+def assign_reference(tokens: torch.Tensor, words: torch.Tensor, inv_temp: torch.Tensor,
+                     interior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft codebook assignment of teacher tokens, in fp32.
+
+    tokens: [N, L, C] ([CLS] removed); words: [K, C]; inv_temp: [1]; interior: [I] patch ids.
+    Returns codes [N, L, K] = softmax_K(inv_temp * cos), bow [N, K] = L1-normalised mean of the
+    interior codes, and the dist_norm statistic |mean over tokens of (max_K cos - mean_K cos)| (scalar).
+    """
+    x = F.normalize(tokens.float(), dim=2, eps=NORM_EPS)
+    cos = F.linear(x, words.float())
+    stat = (cos.max(dim=2).values - cos.mean(dim=2)).mean().abs()
+    codes = torch.softmax(inv_temp.float() * cos, dim=2)
+    bow = F.normalize(codes[:, interior].mean(dim=1), p=1, dim=1, eps=NORM_EPS)
+    return codes, bow, stat
+
+
+def soft_target_kl_reference(features: torch.Tensor, prototypes: torch.Tensor, kappa: float,
+                             target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(kappa * features @ prototypes^T)), summed over K, mean over rows.
+
+    features: [M, D]; prototypes: [K, D]; target: [M, K] probability rows -> scalar (fp32).
+    """
+    logits = (features.float() * kappa) @ prototypes.float().t()
+    return F.kl_div(F.log_softmax(logits, dim=1), target.float(), reduction="batchmean")
+
+
+def teacher_targets(tokens1: torch.Tensor, tokens2: torch.Tensor, words: torch.Tensor, inv_temp: torch.Tensor,
+                    interior: torch.Tensor, impl: str) -> tuple[TeacherTargets, list[torch.Tensor]]:
+    """Targets of both views; tokens_v: [B, L, C]. Returns (targets, [stat_view1, stat_view2])."""
+    if impl == "fast":
+        from moca_fast.kernels.codebook_assign import codebook_assign
+
+        bow1, stat1 = codebook_assign(tokens1, words, inv_temp, interior)
+        bow2, stat2 = codebook_assign(tokens2, words, inv_temp, interior)
+        codes, tokens = None, torch.cat([tokens1, tokens2])
+    else:
+        codes1, bow1, stat1 = assign_reference(tokens1, words, inv_temp, interior)
+        codes2, bow2, stat2 = assign_reference(tokens2, words, inv_temp, interior)
+        codes, tokens = torch.cat([codes1, codes2]), None
+    return TeacherTargets(torch.cat([bow2, bow1]), codes, tokens, words, inv_temp), [stat1, stat2]
+
+
+def image_loss(avg: torch.Tensor, prototypes: torch.Tensor, kappa: float, targets: TeacherTargets,
+               impl: str) -> torch.Tensor:
+    """Cross-view loss of one masking round; avg: [2B, C] student [AVG] embeddings."""
+    if impl == "fast":
+        from moca_fast.kernels.soft_ce import soft_target_kl
+
+        return soft_target_kl(avg, prototypes, kappa, targets.bow)
+    return soft_target_kl_reference(avg, prototypes, kappa, targets.bow)
+
+
+def dense_loss(dec: torch.Tensor, prototypes: torch.Tensor, kappa: float, targets: TeacherTargets,
+               dec_ids: torch.Tensor, impl: str) -> torch.Tensor:
+    """Same-view loss of one masking round.
+
+    dec: [2B * n, D] decoder features; dec_ids: [2B, n] their token positions (row b*n + j is token
+    dec_ids[b, j] of image b).
+    """
+    if impl == "fast":
+        from moca_fast.kernels.soft_ce import masked_soft_target_kl
+
+        return masked_soft_target_kl(dec, prototypes, kappa, targets.tokens, dec_ids, targets.words,
+                                     targets.inv_temp)
+    K = targets.codes.shape[2]
+    rows = torch.gather(targets.codes, 1, dec_ids.unsqueeze(-1).expand(-1, -1, K)).reshape(-1, K)
+    return soft_target_kl_reference(dec, prototypes, kappa, rows)

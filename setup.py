@@ -1,0 +1,35 @@
+"""Install moca_fast; kernels/ is installed as the subpackage moca_fast.kernels."""
+from setuptools import setup
+
+setup(
+    name="moca_fast",
+    version="0.1.0",
+    description="Fast, exact MOCA self-supervised ViT pretraining (PyTorch, Triton, DeepSpeed, DALI)",
+    python_requires=">=3.10",
+    packages=[
+        "moca_fast",
+        "moca_fast.model",
+        "moca_fast.data",
+        "moca_fast.train",
+        "moca_fast.eval",
+        "moca_fast.io",
+        "moca_fast.kernels",
+    ],
+    package_dir={"moca_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "triton>=3.0; platform_system == 'Linux'",
+        "deepspeed>=0.15",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "tqdm",
+        "mlxtend",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "xformers": ["xformers"],
+        "dev": ["pytest", "timm", "tensorboard"],
+    },
+)
