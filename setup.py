@@ -30,6 +30,6 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "timm", "tensorboard"],
+        "dev": ["pytest", "timm", "tensorboard", "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
 )

@@ -1,0 +1,66 @@
+"""Config presets, overrides and the one-line validation errors."""
+import pytest
+
+from moca_fast.config import Config, ConfigError, PRESETS, load_config, parse_kv
+
+
+def test_paper_defaults():
+    c = Config()
+    assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads) == (224, 16, 768, 12, 12)
+    assert (c.num_words, c.num_new_words, c.inv_delta, c.kappa, c.skip_offset, c.early_layer) == (4096, 32, 10.0, 3.0, 2, 4)
+    assert c.mask_ratio == (0.55, 0.75) and c.dec_mask_ratio == (0.35, 0.55)
+    assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (512, 2, 16)
+    assert (c.img_weight, c.loc_weight, c.blr, c.lr_wgen, c.clip_grad, c.momentum_start) == (0.5, 0.5, 1.5e-4, 1e-4, 0.1, 0.994)
+    assert (c.weight_decay, c.weight_decay_end, c.warmup_epochs, c.lr_epochs_mul) == (0.05, 0.20, 30, 1.25)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_validate(preset):
+    load_config(preset).validate(world_size=1)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", overrides=parse_kv(["depth=5", "mask_ratio=0.5,0.7", "lr=none", "momentum_cosine=false"]))
+    assert cfg.depth == 5 and cfg.mask_ratio == (0.5, 0.7) and cfg.lr is None and cfg.momentum_cosine is False
+
+
+def test_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tiny\nembed_dim: 48\n")
+    cfg = load_config(None, p, {"depth": 4})
+    assert cfg.embed_dim == 48 and cfg.depth == 4 and cfg.img_size == 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mask_ratio=(0.999, 0.75)), "leaves no visible token"),
+    (dict(dec_mask_ratio=(0.6, 0.55)), "must be smaller than mask_ratio[0]"),
+    (dict(mask_ratio=(0.4, 0.75), dec_mask_ratio=(0.1, 0.55)), "complementary masks do not fit"),
+    (dict(num_words=102), "not a multiple of the 4 words"),
+    (dict(num_new_words=64), "exceeds the 4 images per rank"),
+    (dict(img_size=60), "not a multiple of patch_size"),
+    (dict(early_layer=3), "early_layer=3 must be in [0, depth=3)"),
+    (dict(skip_offset=4), "leaves no interior token"),
+    (dict(impl="cuda"), "impl='cuda'"),
+    (dict(embed_dim=36, num_heads=5), "embed_dim=36 is not divisible by num_heads=5"),
+])
+def test_impossible_settings_rejected_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=overrides).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_words_per_step_depends_on_world_size_and_sync():
+    cfg = load_config("tiny", overrides=dict(num_new_words=4, num_words=64))
+    assert cfg.words_per_step(2) == 2
+    assert cfg.replace(codebook_sync="gather").words_per_step(2) == 4
+    with pytest.raises(ConfigError, match="gives no new word per rank"):
+        cfg.validate(world_size=8)
+
+
+def test_unknown_and_malformed_settings():
+    with pytest.raises(ConfigError, match="unknown setting 'dept'"):
+        load_config("tiny", overrides={"dept": 3})
+    with pytest.raises(ConfigError, match="setting depth='three'"):
+        load_config("tiny", overrides={"depth": "three"})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("vit_huge")
