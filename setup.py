@@ -17,7 +17,7 @@ setup(
     ],
     package_dir={"moca_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "torchvision",
         "triton>=3.0; platform_system == 'Linux'",
         "deepspeed>=0.15",

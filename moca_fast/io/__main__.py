@@ -1,0 +1,76 @@
+"""python -m moca_fast.io import|export — official checkpoint import and timm teacher export.
+
+  import CKPT --preset P [--set key=value ...] [--out model.pt]
+      checks and loads an official valeoai/MOCA checkpoint; --out writes it as a moca_fast model file.
+  export SRC --out teacher.safetensors|.pth [--preset P] [--set key=value ...]
+      writes the teacher encoder in timm layout; SRC is an official checkpoint (needs --preset)
+      or a moca_fast model file (its own config is used).
+Errors are one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moca_fast.config import PRESETS, parse_kv
+from moca_fast.io.native import is_native, load_model, save_model
+from moca_fast.io.official import load_official, read_checkpoint
+from moca_fast.io.timm_export import export_teacher_timm
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m moca_fast.io", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_args(p, preset_help, required):
+        p.add_argument("--preset", choices=sorted(PRESETS), required=required, help=preset_help)
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides for the preset, e.g. kappa=3.0")
+
+    imp = sub.add_parser("import", help="check and load an official MOCA checkpoint (main_pretrain.py)")
+    imp.add_argument("checkpoint", help="official checkpoint (.pth with 'model', 'optimizer', 'epoch', 'args')")
+    add_model_args(imp, "the moca_fast preset of the checkpoint's architecture", True)
+    imp.add_argument("--out", help="write the loaded model as a moca_fast model file here")
+
+    exp = sub.add_parser("export", help="write the teacher encoder in timm VisionTransformer layout")
+    exp.add_argument("source", help="official checkpoint (with --preset) or moca_fast model file")
+    add_model_args(exp, "preset of an official checkpoint (not used for a moca_fast model file)", False)
+    exp.add_argument("--out", required=True, help="output file: .safetensors (metadata) or .pth")
+    return parser
+
+
+def _load(path: str, preset: str | None, overrides: dict):
+    if is_native(read_checkpoint(path)):
+        return load_model(path)
+    if preset is None:
+        raise ValueError(f"{path}: an official checkpoint needs --preset (one of {', '.join(sorted(PRESETS))})")
+    return load_official(path, preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = parse_kv(args.set)
+        if args.command == "import":
+            model = load_official(args.checkpoint, args.preset, **overrides)
+            cb = model.codebook
+            print(f"loaded {args.checkpoint}: preset {args.preset}, {len(model.state_dict())} tensors, "
+                  f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
+                  f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
+            if args.out:
+                save_model(model, args.out)
+                print(f"wrote {args.out}")
+        else:
+            model = _load(args.source, args.preset, overrides)
+            name, kwargs = export_teacher_timm(model, args.out)
+            call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+            print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
