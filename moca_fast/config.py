@@ -84,6 +84,9 @@ class Config:
     eval_every: int = 20  # epochs; 0 disables the periodic k-NN
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_train: str | None = None  # labelled folders (class sub-folders) for k-NN; None: none (the demo's own)
+    knn_val: str | None = None
+    keep_checkpoints: int = 2
 
     # ------------------------------------------------------------------
     @property
@@ -180,10 +183,19 @@ class Config:
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
         if self.zero_stage not in (0, 1, 2):
             fail(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if not 0 < self.crop_min <= 1:
+            fail(f"crop_min={self.crop_min} must be in (0, 1]")
+        if self.num_workers < 0:
+            fail(f"num_workers={self.num_workers} must be >= 0")
         if self.lr_epochs_mul < 1:
             fail(f"lr_epochs_mul={self.lr_epochs_mul} must be >= 1")
         if not 0 < self.momentum_start <= 1:
             fail(f"momentum_start={self.momentum_start} must be in (0, 1]")
+        if self.keep_checkpoints < 1:
+            fail(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.log_every < 1 or self.ckpt_every < 1 or self.eval_every < 0:
+            fail(f"log_every={self.log_every} and ckpt_every={self.ckpt_every} must be >= 1, "
+                 f"eval_every={self.eval_every} >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             fail(f"max_steps={self.max_steps} must be >= 1")
         return self

@@ -1,0 +1,164 @@
+"""torch DataLoader + PIL backend: two augmented views for training, plain views for k-NN eval.
+
+Workers decode with PIL and return uint8 views; the main process moves them to the device and
+normalises there (4x less inter-process and host-to-device traffic than float32). A file that
+became unreadable since the scan is replaced by the next readable file of the list (a fixed
+choice, so resumed runs see the same data); the main process logs and counts it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from moca_fast.data.scan import ImageList, open_rgb
+from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
+from moca_fast.data.transforms import EvalTransform, Normalizer, TwoViewTransform
+
+log = logging.getLogger("moca_fast.data")
+
+MAX_SUBSTITUTES = 16
+
+
+def load_or_substitute(files: list[str], index: int):
+    """(RGB PIL image, index actually loaded, [(path, reason)] of files that failed on the way)."""
+    failed = []
+    for k in range(min(MAX_SUBSTITUTES, len(files))):
+        candidate = (index + k) % len(files)
+        try:
+            return open_rgb(files[candidate]), candidate, failed
+        except Exception as e:  # any decode/read failure of a file that passed the scan
+            failed.append((files[candidate], f"{type(e).__name__}: {' '.join(str(e).split())}"))
+    raise RuntimeError(f"{len(failed)} consecutive images failed to load, first {failed[0][0]}: "
+                       f"{failed[0][1]}; the data folder changed since it was scanned")
+
+
+class _TwoViewDataset(Dataset):
+    """Item key (epoch, rank, position, file index) -> (view1, view2 uint8 [3, S, S], failed files)."""
+
+    def __init__(self, files: list[str], transform: TwoViewTransform, seed: int):
+        self.files, self.transform, self.seed = files, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key):
+        epoch, rank, position, index = key
+        img, _, failed = load_or_substitute(self.files, index)
+        view1, view2 = self.transform(img, sample_rng(self.seed, epoch, rank, position))
+        return view1, view2, failed
+
+
+def _collate_two_views(samples):
+    return (default_collate([s[0] for s in samples]), default_collate([s[1] for s in samples]),
+            [bad for s in samples for bad in s[2]])
+
+
+class _ShardBatchSampler:
+    """Batches of dataset keys for the rank's epoch `epoch`, starting at batch `start_step`."""
+
+    def __init__(self, shard: EpochShard):
+        self.shard = shard
+        self.epoch = 0
+        self.start_step = 0
+
+    def __len__(self) -> int:
+        return self.shard.steps - self.start_step
+
+    def __iter__(self):
+        order, batch, rank = self.shard.order(self.epoch), self.shard.batch_size, self.shard.rank
+        for step in range(self.start_step, self.shard.steps):
+            positions = range(step * batch, (step + 1) * batch)
+            yield [(self.epoch, rank, p, int(order[p])) for p in positions]
+
+
+def _data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent and num_workers > 0, **kwargs)
+
+
+class TorchTwoViewLoader(LoaderPosition):
+    """Yields (x1, x2): float32 [B, 3, S, S] on `device`, two views of the same B images."""
+
+    backend = "torch"
+
+    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device):
+        self.device = torch.device(device)
+        self.num_images = len(images)
+        self.skipped = list(images.skipped)
+        self.substituted = 0
+        self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
+                                source=f"data folder {images.root}")
+        self._sampler = _ShardBatchSampler(self.shard)
+        dataset = _TwoViewDataset(images.files, TwoViewTransform(cfg.img_size, cfg.crop_min), cfg.seed)
+        self._loader = _data_loader(dataset, self.device, cfg.num_workers, persistent=True,
+                                    batch_sampler=self._sampler, collate_fn=_collate_two_views)
+        self._normalize = Normalizer(self.device)
+
+    def __len__(self) -> int:
+        return self.shard.steps
+
+    def __iter__(self):
+        self._sampler.epoch, self._sampler.start_step = self.epoch, self.step
+        if self.step >= len(self):
+            return
+        for view1, view2, failed in self._loader:
+            note_failed(self, failed)
+            self.step += 1
+            yield self._normalize(view1), self._normalize(view2)
+
+
+def note_failed(loader, failed: list[tuple[str, str]]) -> None:
+    for path, reason in failed:
+        log.warning("image unreadable since the scan, substituted by the next one: %s: %s", path, reason)
+    loader.skipped.extend(failed)
+    loader.substituted += len(failed)
+
+
+class _EvalDataset(Dataset):
+    def __init__(self, images: ImageList, transform: EvalTransform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        img, loaded, failed = load_or_substitute(self.images.files, index)
+        return self.transform(img), self.images.labels[loaded], index, failed
+
+
+def _collate_eval(samples):
+    return (default_collate([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.long),
+            torch.tensor([s[2] for s in samples], dtype=torch.long), [bad for s in samples for bad in s[3]])
+
+
+class TorchEvalLoader:
+    """Yields (images float32 [B, 3, S, S], labels long [B], indices long [B]) on `device`.
+
+    Rank r gets images r, r + world_size, ...; over all ranks every image comes exactly once.
+    indices are positions in the ImageList; a substituted image keeps the index it replaces.
+    """
+
+    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device, batch_size: int | None = None):
+        self.device = torch.device(device)
+        self.num_images = len(images)
+        self.classes = list(images.classes)
+        self.skipped = list(images.skipped)
+        self.substituted = 0
+        self.batch_size = batch_size or cfg.batch_size
+        self.indices = list(range(rank, self.num_images, world_size))
+        self._loader = _data_loader(_EvalDataset(images, EvalTransform(cfg.img_size)), self.device,
+                                    cfg.num_workers, persistent=False, sampler=self.indices,
+                                    batch_size=self.batch_size, collate_fn=_collate_eval)
+        self._normalize = Normalizer(self.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for images, labels, indices, failed in self._loader:
+            note_failed(self, failed)
+            yield (self._normalize(images), labels.to(self.device, non_blocking=True),
+                   indices.to(self.device, non_blocking=True))
