@@ -113,7 +113,12 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device="cpu") ->
     if backend == "dali":
         from moca_fast.data.dali import DaliTwoViewLoader
 
-        return DaliTwoViewLoader(images, cfg, rank, world_size, device)
+        if cfg.data_backend == "dali":
+            return DaliTwoViewLoader(images, cfg, rank, world_size, device)
+        try:
+            return DaliTwoViewLoader(images, cfg, rank, world_size, device)
+        except RuntimeError as e:  # "auto" must not fail where the torch backend works
+            log.warning("DALI pipeline failed to start (%s); data backend: torch", str(e).splitlines()[0])
     from moca_fast.data.torch_backend import TorchTwoViewLoader
 
     return TorchTwoViewLoader(images, cfg, rank, world_size, device)
