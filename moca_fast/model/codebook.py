@@ -66,9 +66,10 @@ class OnlineCodebook(nn.Module):
         N = tokens.shape[0]
         if n > N:
             raise ValueError(f"cannot draw {n} new codebook words from {N} images")
-        images = torch.randperm(N)[:n].to(tokens.device)
-        interior = self.interior.to(tokens.device)
-        positions = interior[torch.randint(0, interior.numel(), (n,)).to(tokens.device)]
+        device = tokens.device  # indices drawn on the tokens' device: no host-device copy, no sync
+        images = torch.randperm(N, device=device)[:n]
+        interior = self.interior.to(device)
+        positions = interior[torch.randint(0, interior.numel(), (n,), device=device)]
         return F.normalize(tokens[images, positions].float(), dim=1, eps=NORM_EPS)
 
     @torch.no_grad()

@@ -83,11 +83,17 @@ class MOCA(nn.Module):
 
     @torch.no_grad()
     def teacher_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher final patch tokens: x [B, 3, H, W] -> [B, L, C] (fp32 weights, autocast for low-precision x)."""
-        low_precision = x.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(x.device.type, dtype=x.dtype, enabled=low_precision):
+        """Teacher final patch tokens: x [B, 3, H, W] -> [B, L, C] in x's dtype.
+
+        The teacher keeps fp32 weights; a low-precision x runs it under autocast of that dtype, an fp32 x
+        under whatever autocast the caller set.
+        """
+        if x.dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast(x.device.type, dtype=x.dtype):
+                _, final = self.teacher(x)
+        else:
             _, final = self.teacher(x)
-        return final[:, 1:]
+        return final[:, 1:].to(x.dtype)
 
     @torch.no_grad()
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:

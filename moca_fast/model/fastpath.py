@@ -1,0 +1,114 @@
+"""Fast-path model preparation and the mixed-precision optimiser that goes with it.
+
+`prepare_fast(model, options)` changes how a MOCA model runs, never what it computes:
+- the patch embedding as one GEMM over unfolded patches (same `patch_embed.proj` parameters);
+- bf16 student encoder and decoder weights, with fp32 masters kept by `MixedPrecisionAdamW`: no
+  per-call weight casts, and the residual stream stays bf16 (with fp32 weights under autocast it
+  is fp32). The teacher keeps fp32 weights (its EMA accumulates in fp32, DESIGN §1) and runs
+  under autocast; the generators (K rows) and the codebook stay fp32;
+- torch.compile of each transformer block (regional compilation: the blocks share one code object,
+  so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
+  residual + LayerNorm and the dtype casts.
+The forward is meant to run under bf16 autocast, as bench/steps.py does: the fused loss kernels
+take their product dtype from it (moca_fast.kernels.matmul_dtype), and the reference losses'
+fp32 matmuls become bf16 ones, as in the official code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class FastOptions:
+    bf16_weights: bool = True
+    matmul_patch_embed: bool = True
+    compile_blocks: bool = True
+
+
+class MatmulPatchEmbed(nn.Module):
+    """Patch embedding as unfold + GEMM, sharing the Conv2d's parameters (and state-dict names).
+
+    A stride = kernel convolution over 3 input channels does not map well onto tensor cores; the
+    same product written as [B*L, 3*p*p] x [3*p*p, C] does.
+    """
+
+    def __init__(self, proj: nn.Conv2d):
+        super().__init__()
+        self.proj = proj
+        self.patch_size = proj.kernel_size[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] -> [B, L, C]."""
+        B, Cin, H, W = x.shape
+        p = self.patch_size
+        patches = x.reshape(B, Cin, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(B, (H // p) * (W // p), Cin * p * p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
+
+def prepare_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
+    """Applies the fast-path changes to a MOCA model in place and returns it (see module docstring)."""
+    options = options or FastOptions()
+    encoders = [model.encoder, model.teacher]
+    if options.matmul_patch_embed:
+        for enc in encoders:
+            if not isinstance(enc.patch_embed, MatmulPatchEmbed):
+                enc.patch_embed = MatmulPatchEmbed(enc.patch_embed.proj)
+    student = [model.encoder] + ([model.decoder] if model.use_dense_loss else [])
+    if options.bf16_weights:
+        for module in student:
+            module.to(torch.bfloat16)
+    if options.compile_blocks:
+        for module in student + [model.teacher]:
+            for block in module.blocks:
+                block.compile(dynamic=False)
+    model.fast_options = options
+    return model
+
+
+class MixedPrecisionAdamW:
+    """AdamW with global grad-norm clipping, stepping fp32 master copies of low-precision parameters.
+
+    Parameters that are already fp32 are their own masters. One step: low-precision grads -> fp32
+    master grads, clip the global norm (fp32), AdamW, masters -> parameters (rounded).
+    param_groups: torch.optim-style groups over the model's parameters.
+    """
+
+    def __init__(self, param_groups: list[dict], clip_grad: float | None, fused: bool = False, **adamw_kwargs):
+        self.clip_grad = clip_grad
+        self.params, self.masters = [], []
+        master_groups = []
+        for group in param_groups:
+            masters = []
+            for p in group["params"]:
+                m = p if p.dtype == torch.float32 else p.detach().float().requires_grad_()
+                self.params.append(p)
+                self.masters.append(m)
+                masters.append(m)
+            master_groups.append({**group, "params": masters})
+        self.low_precision = [(p, m) for p, m in zip(self.params, self.masters) if p is not m]
+        kwargs = dict(adamw_kwargs, fused=True) if fused else adamw_kwargs
+        self.optimizer = torch.optim.AdamW(master_groups, **kwargs)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor | None:
+        """Returns the total grad norm before clipping (a tensor: no host sync), or None without clipping."""
+        for p, m in self.low_precision:
+            m.grad = None if p.grad is None else p.grad.float()
+        norm = None
+        if self.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_([m for m in self.masters if m.grad is not None], self.clip_grad)
+        self.optimizer.step()
+        if self.low_precision:
+            torch._foreach_copy_([p for p, _ in self.low_precision], [m for _, m in self.low_precision])
+        return norm
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for _, m in self.low_precision:
+            m.grad = None
