@@ -156,3 +156,8 @@ def write_json(path: str | Path | None, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
     print(f"wrote {path}", file=sys.stderr)
+
+
+def preset_name(args) -> str:
+    """The preset a benchmark runs: --preset, else tiny for --small, else the paper's ViT-B/16."""
+    return args.preset or ("tiny" if args.small else "vit_base_dec2")

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 
 from breakdown import CATEGORIES, breakdown  # noqa: E402
-from common import env_info, first_line, format_table, free_memory, sync, write_json  # noqa: E402
+from common import env_info, first_line, format_table, free_memory, preset_name, sync, write_json  # noqa: E402
 from steps import VARIANTS, Batches, TrainStep, VariantUnavailable  # noqa: E402
 from throughput import resolve  # noqa: E402
 from moca_fast.config import ConfigError  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
             results[name] = {"status": f"failed: {first_line(e)}"}
         free_memory(device)
     report = {"benchmark": "profile",
-              "settings": {"preset": cfg_preset(args), "batch_size": cfg.batch_size, "precision": "bf16 autocast",
+              "settings": {"preset": preset_name(args), "batch_size": cfg.batch_size, "precision": "bf16 autocast",
                            "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
                            "compile_blocks": compile_blocks, "data_backend": batches.backend},
               "env": env_info(device), "time_base": "GPU kernel time" if device.type == "cuda" else "CPU op self time",
@@ -114,9 +114,6 @@ def main(argv=None) -> dict:
     print_report(report)
     return report
 
-
-def cfg_preset(args) -> str:
-    return args.preset or ("tiny" if args.small else "vit_base_dec2")
 
 
 def print_report(report: dict) -> None:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_info, first_line,  # noqa: E402
                     format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device,
-                    reset_peak_memory, summarize_ms, sync, write_json)
+                    preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
 from steps import VARIANTS, Batches, TrainStep, VariantUnavailable, fused_kernels_missing  # noqa: E402
 from moca_fast.config import ConfigError, load_config  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     family = gpu_family(device)
     report = {
         "benchmark": "throughput",
-        "settings": {"preset": cfg_name(args), "batch_size": B, "precision": "bf16 autocast", "device": str(device),
+        "settings": {"preset": preset_name(args), "batch_size": B, "precision": "bf16 autocast", "device": str(device),
                      "warmup_steps": warmup, "timed_steps": steps, "compile_blocks": compile_blocks,
                      "data_backend": batches.backend, "data": cfg.data},
         "env": env_info(device),
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         "analytic_flops_by_part": analytic,
         "variants": results,
     }
-    if cfg_name(args) == "vit_base_dec2":
+    if preset_name(args) == "vit_base_dec2":
         report["design_flops_per_img"] = DESIGN_GFLOP_PER_IMG * 1e9
     if family and B == 256:
         report["official_eager_img_per_s"] = {"value": OFFICIAL_EAGER_IMG_PER_S[family], "gpu": family,
@@ -170,9 +170,6 @@ def main(argv=None) -> dict:
     print_report(report)
     return report
 
-
-def cfg_name(args) -> str:
-    return args.preset or ("tiny" if args.small else "vit_base_dec2")
 
 
 def print_report(report: dict) -> None:

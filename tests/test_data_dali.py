@@ -24,6 +24,7 @@ from moca_fast.data import dali as D
 from moca_fast.data import transforms as T
 from moca_fast.data.scan import open_rgb, scan_images
 from moca_fast.data.sharding import EpochShard
+from jpeg_folder import assert_same_batches, collect
 
 REPO = Path(__file__).resolve().parents[1]
 NO_AUGMENT = D.ViewAugment(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0, flip_p=0.0)
@@ -33,16 +34,6 @@ IMG_SIZE = 32
 def config(folder, **overrides):
     base = dict(data=str(folder), data_backend="dali", img_size=IMG_SIZE, batch_size=4, num_workers=2, seed=3)
     return load_config("tiny", overrides={**base, **overrides})
-
-
-def collect(loader):
-    return [(a.clone(), b.clone()) for a, b in loader]
-
-
-def assert_same_batches(xs, ys):
-    assert len(xs) == len(ys)
-    for (a1, b1), (a2, b2) in zip(xs, ys):
-        assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
 def pixels(view: torch.Tensor) -> np.ndarray:

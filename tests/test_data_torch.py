@@ -14,6 +14,7 @@ from moca_fast.data import build_eval_loader, build_train_loader, scan_images, s
 from moca_fast.data import transforms as T
 from moca_fast.data.sharding import EpochShard, sample_rng
 from moca_fast.data.synthetic import IMAGENET_TRAIN_IMAGES
+from jpeg_folder import assert_same_batches, collect
 
 NUM_IMAGES = 23
 
@@ -36,16 +37,6 @@ def folder(tmp_path_factory):
 def config(folder, **overrides):
     base = dict(data=str(folder), data_backend="torch", img_size=32, batch_size=4, num_workers=0, seed=3)
     return load_config("tiny", overrides={**base, **overrides})
-
-
-def collect(loader):
-    return [(a.clone(), b.clone()) for a, b in loader]
-
-
-def assert_same_batches(xs, ys):
-    assert len(xs) == len(ys)
-    for (a1, b1), (a2, b2) in zip(xs, ys):
-        assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
 # ---------------------------------------------------------------- transforms
