@@ -212,11 +212,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_new_words=4, batch_size=4, epochs=2, warmup_epochs=0.5, num_workers=0,
                  log_every=1, ckpt_every=50, eval_every=0),
     # The embedded demo: a small ViT on MNIST digits, minutes on 2 CPU cores.
-    "demo": dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, early_layer=1,
-                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, num_words=512,
-                 num_new_words=8, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,
-                 lr_wgen=1e-3, skip_offset=1, momentum_start=0.99, num_workers=2, log_every=10,
-                 ckpt_every=200, eval_every=0, output="output/demo"),
+    "demo": dict(img_size=28, patch_size=7, embed_dim=128, depth=4, num_heads=4, early_layer=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, num_words=256,
+                 num_new_words=8, skip_offset=0, batch_size=64, epochs=8, warmup_epochs=0.5, blr=6e-3,
+                 lr_wgen=3e-3, weight_decay_end=0.05, momentum_start=0.97, crop_min=0.5, num_workers=2,
+                 log_every=20, ckpt_every=200, eval_every=0, output="output/demo"),
 }
 
 

@@ -167,8 +167,10 @@ def test_a_file_broken_after_the_scan_is_substituted_not_fatal(tmp_path):
     for i in range(8):
         noise_image((40, 40), seed=i).save(tmp_path / f"{i}.jpg")
     loader = build_train_loader(config(tmp_path))
-    broken = loader.files[int(loader.shard.order(0)[5])]  # read in batch 1
+    collect(loader)  # epoch 0's pipeline starts (and prefetches) at construction: break a file of epoch 1
+    broken = loader.files[int(loader.shard.order(1)[5])]  # read in batch 1 of epoch 1
     Path(broken).write_bytes(b"overwritten after the scan")
+    loader.set_epoch(1)
     batches = collect(loader)
     assert len(batches) == 2 and loader.substituted == 1 and loader.skipped[-1][0] == broken
     assert all(torch.isfinite(x).all() for pair in batches for x in pair)

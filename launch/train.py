@@ -1,0 +1,104 @@
+"""MOCA pretraining.
+
+  deepspeed launch/train.py                        the demo: a small ViT on MNIST digits, ends with k-NN
+  deepspeed launch/train.py --data /imagenet/train --output runs/vitb     the paper's ViT-B/16 recipe
+  deepspeed --num_gpus 2 launch/train.py ...       2 ranks (on a CPU-only machine: gloo, fp32)
+  deepspeed --hostfile hosts launch/train.py ...   multi-node (checkpoints need a shared filesystem)
+  python launch/train.py ...                       one process, no launcher
+
+Settings, later wins: preset (--preset, or the `preset:` key of --config; default vit_base_dec2, or
+demo when neither --data nor a preset/config is given) < --config YAML < the flags below < key=value
+overrides of any moca_fast.config.Config field (e.g. blr=1e-4 zero_stage=1 precision=fp32).
+--deepspeed_config JSON: merged over the generated DeepSpeed config (precedence in moca_fast/train/engine.py).
+Exit status: 0 done or stopped by SIGTERM/SIGINT (checkpoint saved), 2 bad setting, 3 non-finite loss.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moca_fast.config import ConfigError, load_config, parse_kv  # noqa: E402
+
+EXIT_BAD_SETTING = 2
+EXIT_NON_FINITE = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of Config fields (may name its base with `preset: NAME`)")
+    p.add_argument("--preset", help="vit_base_dec2, vit_large_dec2, vit_small_dec2, tiny or demo")
+    p.add_argument("--data", help="image folder: class sub-folders (ImageNet train layout) or flat")
+    p.add_argument("--output", help="run folder: config.yaml, env.json, metrics.jsonl, checkpoints/, eval.json")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per GPU (per rank)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (schedules keep --epochs)")
+    p.add_argument("--resume", help="auto (the output's latest checkpoint, if any) or a checkpoint/run folder")
+    p.add_argument("--data-backend", choices=("auto", "dali", "torch", "synthetic"))
+    p.add_argument("--impl", choices=("reference", "fast"))
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON merged over the generated config (see moca_fast/train/engine.py)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_intermixed_args(argv)
+
+
+def resolve_config(args: argparse.Namespace):
+    preset = args.preset
+    if preset is None and args.config is None and args.data is None:
+        preset = "demo"
+    flags = {"data": args.data, "output": args.output, "epochs": args.epochs, "batch_size": args.batch_size,
+             "max_steps": args.max_steps, "data_backend": args.data_backend, "impl": args.impl}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_kv(args.overrides))
+    cfg = load_config(preset, args.config, overrides)
+    if preset == "demo" and args.output is None and args.resume is None and "output" not in overrides:
+        cfg = cfg.replace(output=fresh_output(cfg.output))
+    return cfg
+
+
+def fresh_output(path: str) -> str:
+    """path, else path_1, path_2, ...: the first run folder without checkpoints (so the demo can be rerun)."""
+    from moca_fast.train.checkpoint import CHECKPOINTS
+
+    candidate, n = path, 0
+    while (Path(candidate) / CHECKPOINTS).exists():
+        n += 1
+        candidate = f"{path}_{n}"
+    return candidate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from moca_fast.train.step import NonFiniteLossError
+
+    try:
+        cfg = resolve_config(args)
+        from moca_fast.train.loop import Trainer
+
+        trainer = Trainer(cfg, args.resume, args.deepspeed_config)
+        result = trainer.train()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_SETTING
+    except NonFiniteLossError as e:
+        print(f"error: {e}; the last good checkpoint is kept", file=sys.stderr)
+        return EXIT_NON_FINITE
+    if trainer.dist.is_main:
+        if result["stopped_by_signal"]:
+            print(f"stopped at step {result['step']}; checkpoint saved, continue with --resume auto")
+        elif "knn_top1" in result:
+            print(f"k-NN top-1 of the teacher (k={result['k']}, {result['val_images']} held-out images): "
+                  f"{result['knn_top1']:.2f} % after training, {result['knn_top1_random_init'] or float('nan'):.2f} % "
+                  f"at random init  ->  {cfg.output}/eval.json")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

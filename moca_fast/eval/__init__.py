@@ -1,0 +1,1 @@
+"""Evaluation of pretrained teachers: k-NN (DINO protocol)."""

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine set-up, schedules, the step, checkpoints, logging, the run loop."""

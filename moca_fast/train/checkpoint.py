@@ -1,0 +1,178 @@
+"""Atomic, exactly-resumable checkpoints.
+
+Layout under <output>/checkpoints/:
+  step_00000100/deepspeed/...        DeepSpeed's files: the module state (student, teacher, codebook
+                                     words/pointer/dist_norm, generator BatchNorm statistics) and each
+                                     rank's ZeRO optimiser partition with its fp32 master weights
+  step_00000100/trainer_rank00000.pt per rank: optimiser-step counter, data position, RNG states
+  step_00000100/meta.json            step, epoch, world size, precision, the resolved config
+  latest                             the name of the newest complete checkpoint
+A checkpoint is written into a hidden temporary folder, every file fsync'ed, then renamed into place,
+and only then is `latest` replaced (write + fsync + rename): a crash at any point leaves the previous
+`latest` pointing to a complete checkpoint. All ranks write into the same folder, so multi-node runs
+need a shared filesystem (as DeepSpeed's own checkpoints do).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moca_fast.config import ConfigError
+from moca_fast.train.engine import barrier
+
+log = logging.getLogger("moca_fast.train")
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+DEEPSPEED_TAG = "deepspeed"
+META = "meta.json"
+
+
+def capture_rng() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def trainer_file(folder: Path, rank: int) -> Path:
+    return folder / f"trainer_rank{rank:05d}.pt"
+
+
+def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state: dict, meta: dict,
+                    keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = Path(output) / CHECKPOINTS
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank))
+    barrier()
+    if rank == 0:
+        (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # a re-run of this very step: keep `latest` valid until the swap
+            stale = root / f".{name}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            shutil.rmtree(stale)
+        os.rename(tmp, final)
+        _fsync_path(root)
+        _write_atomic(root / LATEST, name + "\n")
+        _prune(root, keep, name)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, newest: str) -> None:
+    """Deletes all but the `keep` newest complete checkpoints (never `newest`)."""
+    done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    for old in done[:-keep]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(output: str | os.PathLike) -> Path | None:
+    """The checkpoint folder `latest` names under <output>/checkpoints, or None if there is none."""
+    root = Path(output) / CHECKPOINTS
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    if not (folder / META).is_file():
+        raise ConfigError(f"{pointer} names {folder.name}, which is not a complete checkpoint")
+    return folder
+
+
+def resolve_resume(resume: str | None, output: str | os.PathLike, flag: str = "--resume") -> Path | None:
+    """None: start fresh (refused if <output> already has checkpoints); "auto": the latest
+    checkpoint of <output> if any; else a checkpoint folder, or an output folder (its latest)."""
+    if resume is None:
+        existing = latest_checkpoint(output)
+        if existing is not None:
+            raise ConfigError(f"{output} already holds checkpoints (latest: {existing.name}); pass --resume auto "
+                              f"to continue that run or choose another --output")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output)
+    path = Path(resume)
+    if (path / META).is_file():
+        return path
+    if (path / CHECKPOINTS / LATEST).is_file():
+        return latest_checkpoint(path)
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path.parent)
+    raise ConfigError(f"{flag} {resume}: not a checkpoint folder (no {META}) nor a run folder with "
+                      f"{CHECKPOINTS}/{LATEST}")
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    return json.loads((Path(folder) / META).read_text())
+
+
+def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
+    """Collective. Loads module + optimiser into `engine`; returns this rank's trainer state
+    (with "rng", to be restored by the caller right before training continues)."""
+    meta = read_meta(folder)
+    if meta["world_size"] != world_size:
+        raise ConfigError(f"checkpoint {folder} was written by {meta['world_size']} ranks, this run has "
+                          f"{world_size}: exact resume needs the same world size")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    loaded, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise ConfigError(f"DeepSpeed could not load the checkpoint in {folder / DEEPSPEED_TAG}")
+    return torch.load(trainer_file(folder, rank), map_location="cpu", weights_only=False)
+
+
+def load_model_state(folder: str | os.PathLike) -> dict:
+    """The MOCA module state dict of a checkpoint folder (no engine needed), on the CPU."""
+    files = sorted((Path(folder) / DEEPSPEED_TAG).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ConfigError(f"{folder} holds no DeepSpeed model state ({DEEPSPEED_TAG}/mp_rank_00_model_states.pt)")
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]

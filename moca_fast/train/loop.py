@@ -1,0 +1,295 @@
+"""The training run: set-up, the optimiser-step loop, logging, checkpoints, k-NN evaluation, stop.
+
+Every rank runs `train`; collectives (the model's codebook/dist_norm sync, metric drains, stop
+agreement, checkpoints, k-NN) happen at the same steps on all ranks.
+Step counting: `step` = optimiser steps done; an epoch has len(loader) // grad_accum steps; the
+schedules are evaluated at epoch + micro-batches done / len(loader) (the official epoch_float).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moca_fast.config import Config, ConfigError, save_config
+from moca_fast.train import checkpoint as ckpt
+from moca_fast.train.engine import (DistInfo, barrier, build_engine, init_distributed, input_dtype,
+                                    load_user_deepspeed_config, resolve_precision)
+from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
+from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
+from moca_fast.train.step import LossTotals, train_step
+
+log = logging.getLogger("moca_fast.train")
+
+RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; `agreed()` is True on every rank once any rank got one.
+
+    The agreement is an all-reduce of a CPU tensor on a gloo group, so it never waits for the GPU.
+    A second signal restores the default handler (a second Ctrl-C kills).
+    """
+
+    def __init__(self, dist_info: DistInfo):
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.group = None
+        if dist_info.world_size > 1:
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
+        self.flag.fill_(1)
+        signal.signal(signum, signal.SIG_DFL)
+
+    def agreed(self) -> bool:
+        flag = self.flag.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _rng_isolated(batches):
+    """The loader's batches, drawn without touching the global CPU RNG (DataLoader draws a base seed
+    from it when an iteration starts: a resumed run would otherwise shift every later mask)."""
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+        yield batch
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class KnnData:
+    train: str
+    val: str
+
+
+def _knn_data(cfg: Config) -> KnnData | None:
+    if cfg.knn_train and cfg.knn_val:
+        return KnnData(cfg.knn_train, cfg.knn_val)
+    return None
+
+
+def _with_demo_data(cfg: Config, dist_info: DistInfo) -> Config:
+    """cfg.data None: the embedded demo set (written by rank 0 first), with its k-NN folders
+    (not for the synthetic backend, which reads no files)."""
+    if cfg.data is not None or cfg.data_backend == "synthetic":
+        return cfg
+    from moca_fast.data.demo import prepare_demo
+
+    if dist_info.is_main:
+        prepare_demo()
+    barrier()
+    demo = prepare_demo()
+    return cfg.replace(knn_train=cfg.knn_train or demo.knn_train, knn_val=cfg.knn_val or demo.knn_val)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, deepspeed_config: str | None = None):
+        self.dist = init_distributed()
+        setup_logging(self.dist.is_main)
+        cfg = cfg.validate(self.dist.world_size)
+        self.cfg = cfg = _with_demo_data(cfg, self.dist)
+        self.output = Path(cfg.output)
+        if self.dist.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.resume_from = ckpt.resolve_resume(resume, self.output)
+        self.precision = resolve_precision(cfg, self.dist.device)
+        self.dtype = input_dtype(self.precision)
+        user_ds = load_user_deepspeed_config(deepspeed_config) if deepspeed_config else None
+
+        from moca_fast.data import build_train_loader
+        from moca_fast.model.moca import MOCA
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.engine, self.ds_config = build_engine(MOCA(cfg, self.dist.world_size), cfg, self.dist, self.precision,
+                                                   user_ds)
+        self.model = self.engine.module
+        _seed_everything(cfg.seed + self.dist.rank)
+        self.loader = build_train_loader(cfg, self.dist.rank, self.dist.world_size, self.dist.device)
+        self.steps_per_epoch = len(self.loader) // cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"an epoch has {len(self.loader)} batches per rank, "
+                              f"fewer than grad_accum={cfg.grad_accum}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.schedules = Schedules.from_config(cfg, self.dist.world_size)
+        self.knn = _knn_data(cfg)
+        self.step = 0
+        self.last_saved = -1
+
+    # ------------------------------------------------------------------ set-up
+    def _meta(self) -> dict:
+        return {"world_size": self.dist.world_size, "precision": self.precision, "epoch": self.epoch_float(),
+                "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict()}
+
+    def _write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        save_config(self.cfg, self.output / "config.yaml")
+        write_env_json(self.output / "env.json", world_size=self.dist.world_size, device=str(self.dist.device),
+                       precision=self.precision, zero_stage=self.ds_config["zero_optimization"]["stage"],
+                       attention_backend=self.model.attention_backend, kernel_impl=self.cfg.impl,
+                       data_backend=self.loader.backend, train_images=self.loader.num_images,
+                       skipped_images=len(self.loader.skipped), steps_per_epoch=self.steps_per_epoch,
+                       total_steps=self.total_steps, effective_batch_size=effective_batch_size(
+                           self.cfg, self.dist.world_size), deepspeed_config=self.ds_config)
+
+    def _restore(self) -> dict | None:
+        """Loads the checkpoint to resume from; returns its RNG states (restored just before training)."""
+        if self.resume_from is None:
+            return None
+        state = ckpt.load_checkpoint(self.engine, self.resume_from, self.dist.world_size)
+        old = ckpt.read_meta(self.resume_from)["config"]
+        changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RUN_FIELDS and old.get(k) != v)
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
+        self.step = self.last_saved = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", self.resume_from, self.step)
+        return state["rng"]
+
+    # ------------------------------------------------------------------ pieces
+    def epoch_float(self) -> float:
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        return epoch + in_epoch * self.cfg.grad_accum / len(self.loader)
+
+    def knn_accuracy(self) -> dict:
+        from moca_fast.eval.knn import build_knn_loaders, knn_accuracy
+
+        with torch.random.fork_rng(devices=[]):
+            loaders = build_knn_loaders(self.cfg, self.knn.train, self.knn.val, self.dist.rank,
+                                        self.dist.world_size, self.dist.device)
+            return knn_accuracy(self.model, *loaders, k=self.cfg.knn_k, temperature=self.cfg.knn_temperature,
+                                dtype=self.dtype)
+
+    def save(self, run_log: RunLog, totals: LossTotals, interval: dict) -> None:
+        """A checkpoint of the current step; the losses are drained first (raises on non-finite)."""
+        self.flush(run_log, totals, interval)
+        trainer_state = {"step": self.step, "loader": self.loader.state_dict()}
+        ckpt.save_checkpoint(self.engine, self.output, self.step, trainer_state, self._meta(),
+                             self.cfg.keep_checkpoints)
+        self.last_saved = self.step
+        log.info("checkpoint step %d written", self.step)
+
+    def flush(self, run_log: RunLog, totals: LossTotals, interval: dict) -> None:
+        """Drains the device-side loss sums (the only host sync of the loop) into one metrics record."""
+        means = totals.drain()
+        if means is None:
+            return
+        now = time.perf_counter()
+        steps = self.step - interval["step"]
+        record = {"step": self.step, "epoch": round(self.epoch_float(), 6), **means, **interval["values"],
+                  "img_per_s": steps * effective_batch_size(self.cfg, self.dist.world_size) / (now - interval["time"])}
+        run_log.write(record)
+        interval.update(step=self.step, time=now)
+
+    # ------------------------------------------------------------------ run
+    def train(self) -> dict:
+        rng = self._restore()
+        self._write_run_files()
+        if self.knn is not None and self.resume_from is None:
+            random_init = self.knn_accuracy()
+            log.info("k-NN of the random-init teacher: top-1 %.2f %%", random_init["top1"])
+            if self.dist.is_main:
+                (self.output / "knn_random_init.json").write_text(json.dumps(random_init, indent=1))
+        if rng is not None:
+            ckpt.restore_rng(rng)
+        run_log = RunLog(self.output, self.dist.is_main, self.total_steps, self.step)
+        totals = LossTotals(self.dist.device)
+        stop = StopSignal(self.dist)
+        interval = {"step": self.step, "time": time.perf_counter(), "values": {}}
+        stopped = False
+        try:
+            while self.step < self.total_steps and not stopped:
+                stopped = self._epoch(run_log, totals, stop, interval)
+            if self.last_saved != self.step:
+                self.save(run_log, totals, interval)
+        finally:
+            stop.restore()
+            run_log.close()
+        result = {"step": self.step, "stopped_by_signal": stopped}
+        if not stopped and self.knn is not None:
+            result.update(self._final_eval())
+        return result
+
+    def _epoch(self, run_log: RunLog, totals: LossTotals, stop: StopSignal, interval: dict) -> bool:
+        """Runs the optimiser steps left in the current epoch (up to total_steps); True if stopped."""
+        cfg = self.cfg
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        self.loader.set_epoch(epoch)
+        position = self.loader.state_dict()
+        if (position["epoch"], position["step"]) != (epoch, in_epoch * cfg.grad_accum):
+            raise RuntimeError(f"data loader at {position}, trainer at epoch {epoch} step {in_epoch}")
+        batches = iter(self.loader)
+        try:
+            for _ in range(in_epoch, self.steps_per_epoch):
+                epoch_float = self.epoch_float()
+                apply_schedules(self.engine.optimizer.param_groups, self.schedules, epoch_float)
+                momentum = self.schedules.momentum(epoch_float)
+                train_step(self.engine, _rng_isolated(batches), momentum, self.dtype, totals)
+                self.step += 1
+                run_log.advance()
+                lr, wd = self.schedules.group_values(epoch_float)["decay"]
+                interval["values"] = {"lr": lr, "wd": wd, "lr_wgen": self.schedules.lr_wgen, "momentum": momentum}
+                if self.step % cfg.log_every == 0:
+                    self.flush(run_log, totals, interval)
+                stopping = stop.agreed()
+                if stopping or self.step % cfg.ckpt_every == 0:
+                    self.save(run_log, totals, interval)
+                if stopping:
+                    return True
+                if self.step >= self.total_steps:
+                    break
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        epoch_done = self.step % self.steps_per_epoch == 0
+        periodic = cfg.eval_every and (self.step // self.steps_per_epoch) % cfg.eval_every == 0
+        if epoch_done and periodic and self.knn is not None and self.step < self.total_steps:
+            result = self.knn_accuracy()
+            run_log.write({"step": self.step, "epoch": round(self.epoch_float(), 6),
+                           "knn_top1": result["top1"], "knn_top5": result["top5"]})
+        return False
+
+    def _final_eval(self) -> dict:
+        final = self.knn_accuracy()
+        path = self.output / "knn_random_init.json"
+        random_init = json.loads(path.read_text()) if path.is_file() else {}
+        result = {"knn_top1": final["top1"], "knn_top5": final["top5"],
+                  "knn_top1_random_init": random_init.get("top1"), "knn_top5_random_init": random_init.get("top5"),
+                  "step": self.step, "k": final["k"], "temperature": final["temperature"],
+                  "train_images": final["train_images"], "val_images": final["val_images"]}
+        if self.dist.is_main:
+            (self.output / "eval.json").write_text(json.dumps(result, indent=1))
+        return result
+
+
+def train(cfg: Config, resume: str | None = None, deepspeed_config: str | None = None) -> dict:
+    return Trainer(cfg, resume, deepspeed_config).train()

@@ -1,0 +1,113 @@
+"""Checkpoint folder logic: atomic publication, `latest`, pruning, resume resolution, RNG capture.
+
+The DeepSpeed engine is replaced by a stub that writes one file (or crashes half-way) to isolate the
+atomicity logic; the real engine's save/load is exercised by tests/test_train_e2e.py.
+"""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from moca_fast.config import ConfigError
+from moca_fast.train import checkpoint as ckpt
+
+
+class StubEngine:
+    def __init__(self, crash_after_partial_write: bool = False):
+        self.crash = crash_after_partial_write
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        assert save_latest is False
+        folder = f"{save_dir}/{tag}"
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        with open(f"{folder}/mp_rank_00_model_states.pt", "wb") as f:
+            f.write(b"partial" if self.crash else b"complete")
+        if self.crash:
+            raise OSError("disk full (simulated crash while writing)")
+
+
+def _save(output, step, engine=None, keep=3):
+    trainer_state = {"step": step, "loader": {"epoch": 0, "step": step}}
+    return ckpt.save_checkpoint(engine or StubEngine(), output, step, trainer_state, {"world_size": 1, "config": {}}, keep)
+
+
+def test_save_publishes_a_complete_folder_and_moves_latest(tmp_path):
+    first = _save(tmp_path, 1)
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    second = _save(tmp_path, 2)
+    assert ckpt.latest_checkpoint(tmp_path) == second
+    assert ckpt.read_meta(second)["step"] == 2
+    assert torch.load(ckpt.trainer_file(second, 0), weights_only=False)["step"] == 2
+    assert (second / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() == b"complete"
+    assert not list((tmp_path / "checkpoints").glob(".*")), "no temporary files left"
+
+
+def test_a_crash_while_writing_leaves_latest_on_the_previous_complete_checkpoint(tmp_path):
+    good = _save(tmp_path, 5)
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(tmp_path, 6, StubEngine(crash_after_partial_write=True))
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert not (tmp_path / "checkpoints" / "step_00000006").exists(), "the broken step is never published"
+    assert ckpt.resolve_resume("auto", tmp_path) == good
+    retried = _save(tmp_path, 6)  # the next attempt replaces the leftover temporary folder
+    assert ckpt.latest_checkpoint(tmp_path) == retried
+    assert (retried / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() == b"complete"
+
+
+def test_pruning_keeps_the_newest_checkpoints(tmp_path):
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000030", "step_00000040"]
+
+
+def test_resaving_the_same_step_replaces_it(tmp_path):
+    _save(tmp_path, 3)
+    again = _save(tmp_path, 3)
+    assert ckpt.latest_checkpoint(tmp_path) == again and ckpt.read_meta(again)["step"] == 3
+
+
+def test_resume_resolution(tmp_path):
+    assert ckpt.resolve_resume(None, tmp_path) is None, "fresh start in an empty folder"
+    assert ckpt.resolve_resume("auto", tmp_path) is None, "auto with nothing to resume starts fresh"
+    folder = _save(tmp_path, 7)
+    with pytest.raises(ConfigError, match="--resume auto"):
+        ckpt.resolve_resume(None, tmp_path)
+    assert ckpt.resolve_resume("auto", tmp_path) == folder
+    assert ckpt.resolve_resume(str(folder), tmp_path / "elsewhere") == folder
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == folder, "a run folder resumes its latest"
+    assert ckpt.resolve_resume(str(tmp_path / "checkpoints"), tmp_path / "elsewhere") == folder
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.resolve_resume("auto", tmp_path)
+
+
+def test_meta_is_json_with_world_size(tmp_path):
+    folder = _save(tmp_path, 1)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == 1
+
+
+def test_rng_capture_and_restore_replays_every_generator():
+    state = ckpt.capture_rng()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.restore_rng(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0])
+    assert np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
+
+
+def test_a_resumed_run_drops_the_metrics_records_it_will_log_again(tmp_path):
+    from moca_fast.train.run_log import _drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    _drop_records_after(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]

@@ -1,0 +1,130 @@
+"""DeepSpeed config generation and user-config precedence; the real engine in bf16 (CPU, ZeRO-1 and 2):
+teacher and codebook stay fp32, the optimiser updates the student only, the teacher EMA and the
+codebook update run once per optimiser step under gradient accumulation."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moca_fast.config import ConfigError, load_config
+from moca_fast.train.engine import generate_deepspeed_config, load_user_deepspeed_config, merge_user_config
+
+EMA_RTOL = 1e-6  # fp32 EMA recomputed from the same fp32 operands
+
+
+def _generated(**overrides):
+    cfg = load_config("vit_base_dec2", overrides=overrides)
+    return generate_deepspeed_config(cfg, world_size=8, precision="bf16")
+
+
+def test_generated_config_carries_our_semantics():
+    ds = _generated(batch_size=128, grad_accum=2, zero_stage=1, clip_grad=0.1)
+    assert ds["train_micro_batch_size_per_gpu"] == 128 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 128 * 2 * 8
+    assert ds["gradient_clipping"] == 0.1 and ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"]
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_user_config_wins_for_other_keys_and_must_agree_on_ours():
+    ds = _generated()
+    merged = merge_user_config(ds, {"zero_optimization": {"reduce_bucket_size": 12345, "stage": 2},
+                                    "comms_logger": {"enabled": True}})
+    assert merged["zero_optimization"] == {**ds["zero_optimization"], "reduce_bucket_size": 12345}
+    assert merged["comms_logger"] == {"enabled": True} and merged["bf16"] == ds["bf16"]
+    with pytest.raises(ConfigError, match="set zero_stage instead"):
+        merge_user_config(ds, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="set batch_size instead"):
+        merge_user_config(ds, {"train_micro_batch_size_per_gpu": 7})
+    with pytest.raises(ConfigError, match="'optimizer' is not accepted"):
+        merge_user_config(ds, {"optimizer": {"type": "Adam"}})
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
+        merge_user_config(ds, {"fp16": {"enabled": True}})
+    assert merge_user_config(ds, {"fp16": {"enabled": False}})["bf16"]["enabled"]
+
+
+def test_user_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_user_deepspeed_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        load_user_deepspeed_config(bad)
+    good = tmp_path / "ds.json"
+    good.write_text('{"zero_optimization": {"reduce_bucket_size": 5e8}}')
+    assert load_user_deepspeed_config(good)["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_config(None, path)
+    for world_size in (1, 2):
+        cfg.validate(world_size)
+    assert generate_deepspeed_config(cfg, 2, "bf16")["train_batch_size"] == cfg.batch_size * cfg.grad_accum * 2
+
+
+def _engine_facts(rank, port, zero_stage, results):
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from moca_fast.model.moca import MOCA
+    from moca_fast.train.engine import build_engine, init_distributed
+    from moca_fast.train.step import LossTotals, train_step
+
+    dist_info = init_distributed()
+    cfg = load_config("tiny", overrides=dict(grad_accum=2, zero_stage=zero_stage))
+    torch.manual_seed(0)
+    reference = MOCA(cfg, 1)
+    torch.manual_seed(0)
+    engine, _ = build_engine(MOCA(cfg, 1), cfg, dist_info, "bf16")
+    model = engine.module
+    batchnorm = model.img_generator.mlp[1]
+    facts = {
+        "student_bf16": all(p.dtype == torch.bfloat16 for p in model.encoder.parameters()),
+        "teacher_fp32_unrounded": all(torch.equal(p, q) for p, q in zip(model.teacher.parameters(),
+                                                                        reference.teacher.parameters())),
+        "codebook_fp32": all(b.dtype == torch.float32 for b in model.codebook.buffers() if b.is_floating_point()),
+        "batchnorm_stats_match": batchnorm.running_mean.dtype == batchnorm.weight.dtype == torch.bfloat16,
+        "clip": engine.gradient_clipping(),
+        "groups": sorted(g["name"] for g in engine.optimizer.param_groups),
+    }
+    for g in engine.optimizer.param_groups:
+        g["lr"] = 1e-3
+    momentum = 0.9
+    teacher0 = [p.detach().clone() for p in model.teacher.parameters()]
+    student0 = [p.detach().float().clone() for p in model.encoder.parameters()]
+    trainable = [p.requires_grad for p in model.encoder.parameters()]
+    g = torch.Generator().manual_seed(1)
+    batches = iter([(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)) for _ in range(2)])
+    totals = LossTotals(dist_info.device)
+    train_step(engine, batches, momentum, torch.bfloat16, totals)
+    facts["finite"] = totals.drain()["loss"]
+    facts["optimizer_steps"] = engine.global_steps
+    facts["codebook_ptr"] = int(model.codebook.ptr)
+    facts["teacher_is_one_ema"] = all(  # fixed tensors (pos_embed) are not averaged
+        torch.allclose(t, momentum * t0 + (1 - momentum) * s0, rtol=EMA_RTOL, atol=0) if ema else torch.equal(t, t0)
+        for t, t0, s0, ema in zip(model.teacher.parameters(), teacher0, student0, trainable))
+    facts["teacher_still_fp32"] = all(p.dtype == torch.float32 for p in model.teacher.parameters())
+    facts["student_moved"] = any(not torch.equal(p.float(), s0) for p, s0 in zip(model.encoder.parameters(), student0)
+                                 if p.requires_grad)
+    results[zero_stage] = facts
+
+
+@pytest.mark.parametrize("zero_stage", [2, 1])
+def test_bf16_engine_keeps_teacher_and_codebook_fp32_and_updates_once_per_step(zero_stage):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_engine_facts, args=(port, zero_stage, results), nprocs=1, join=True)
+    facts = results[zero_stage]
+    assert facts["student_bf16"] and facts["codebook_fp32"] and facts["batchnorm_stats_match"]
+    assert facts["teacher_fp32_unrounded"], "DeepSpeed's bf16 cast must not touch the teacher"
+    assert facts["clip"] == 0.1
+    assert facts["groups"] == ["decay", "no_decay", "wgen_decay", "wgen_no_decay"]
+    assert facts["optimizer_steps"] == 1, "grad_accum=2: two micro-steps, one optimiser step"
+    assert facts["codebook_ptr"] == 4, "tiny: 4 new words once per optimiser step, not per micro-step"
+    assert facts["teacher_is_one_ema"] and facts["teacher_still_fp32"]
+    assert facts["student_moved"] and facts["finite"] == facts["finite"]
