@@ -1,4 +1,6 @@
-"""Test helpers: small real JPEG folders (class sub-folders, ImageNet layout) and batch comparisons."""
+"""Test helpers: small real JPEG folders (class sub-folders, ImageNet layout), batch comparisons, and a
+training-run folder holding one checkpoint in launch/train.py's layout."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +31,15 @@ def assert_same_batches(xs, ys) -> None:
     assert len(xs) == len(ys)
     for (a1, b1), (a2, b2) in zip(xs, ys):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
+def write_run_folder(root, model, cfg, step: int = 1) -> Path:
+    """root/checkpoints/{step_N/{deepspeed/mp_rank_00_model_states.pt, meta.json}, latest}: the files the
+    model loaders read (no optimiser state)."""
+    root = Path(root)
+    folder = root / "checkpoints" / f"step_{step:08d}"
+    (folder / "deepspeed").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, folder / "deepspeed" / "mp_rank_00_model_states.pt")
+    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "step": step, "config": cfg.to_dict()}))
+    (root / "checkpoints" / "latest").write_text(f"{folder.name}\n")
+    return root

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+from jpeg_folder import write_run_folder
 from moca_fast import build_model
 from moca_fast.io import (CheckpointError, export_teacher_timm, load_model, load_official, official_to_ours,
                           save_model, timm_spec)
@@ -192,6 +193,22 @@ def test_cli_import_and_export(tmp_path, capsys):
     assert "needs --preset" in capsys.readouterr().err
     assert cli(["import", str(GOLDEN_CKPT), "--preset", "tiny", "--set", "kappa=5"]) == 2
     assert cli(["import", str(GOLDEN_CKPT), "--preset", "tiny", "--set", "no_such_field=1"]) == 2
+
+
+def test_cli_exports_the_teacher_of_a_training_run(tmp_path):
+    from moca_fast.config import load_config
+
+    model = build_model("tiny")
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    write_run_folder(tmp_path / "run", model, load_config("tiny"))
+    assert cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "t.pth")]) == 0
+    exported = torch.load(tmp_path / "t.pth", weights_only=True)
+    teacher = model.teacher.state_dict()
+    assert exported["state_dict"].keys() == teacher.keys()
+    assert all(torch.equal(exported["state_dict"][k], teacher[k]) for k in teacher)
+    assert cli(["export", str(tmp_path), "--out", str(tmp_path / "u.pth")]) == 2, "a folder with no checkpoint"
 
 
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):

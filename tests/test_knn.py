@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from jpeg_folder import write_class_folders
+from jpeg_folder import write_class_folders, write_run_folder
 from moca_fast import build_model
 from moca_fast.config import load_config
 from moca_fast.eval.knn import build_knn_loaders, gather_bank, knn_accuracy, knn_correct
@@ -117,11 +117,7 @@ def test_cli_on_a_checkpoint_folder_matches_the_in_process_result(knn_folders, t
     with torch.no_grad():  # a teacher unlike the student, to check the teacher is what is evaluated
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    folder = tmp_path / "checkpoints" / "step_00000001"
-    (folder / "deepspeed").mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, folder / "deepspeed" / "mp_rank_00_model_states.pt")
-    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "step": 1, "config": _cfg().to_dict()}))
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000001\n")
+    write_run_folder(tmp_path, model, _cfg())
 
     run = subprocess.run([sys.executable, "-m", "moca_fast.eval.knn", "--checkpoint", str(tmp_path),
                           "--data", str(knn_folders), "--k", "3", "--output", str(tmp_path / "knn.json")],

@@ -138,24 +138,9 @@ def _init_process_group() -> torch.device:
     return device
 
 
-def load_teacher_model(checkpoint: str, device: torch.device):
-    """MOCA of a checkpoint's config with its weights (a checkpoint folder or a run folder's latest)."""
-    from moca_fast.config import ConfigError, apply_overrides, Config
-    from moca_fast.model.moca import MOCA
-    from moca_fast.train.checkpoint import load_model_state, read_meta, resolve_resume
-
-    folder = resolve_resume(checkpoint, checkpoint, flag="--checkpoint")
-    if folder is None:
-        raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint found")
-    meta = read_meta(folder)
-    cfg = apply_overrides(Config(), meta["config"])
-    model = MOCA(cfg, meta["world_size"])
-    model.load_state_dict(load_model_state(folder))
-    return model.to(device).float(), cfg, folder
-
-
 def main(argv: list[str] | None = None) -> int:
     from moca_fast.config import ConfigError
+    from moca_fast.train.checkpoint import load_trained_model
 
     parser = argparse.ArgumentParser(prog="python -m moca_fast.eval.knn", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's output folder (latest)")
@@ -170,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         device = _init_process_group()
-        model, cfg, folder = load_teacher_model(args.checkpoint, device)
+        model, cfg, folder = load_trained_model(args.checkpoint, device)
         train_root = args.train or (os.path.join(args.data, "train") if args.data else cfg.knn_train)
         val_root = args.val or (os.path.join(args.data, "val") if args.data else cfg.knn_val)
         if train_root is None or val_root is None:

@@ -3,14 +3,16 @@
   import CKPT --preset P [--set key=value ...] [--out model.pt]
       checks and loads an official valeoai/MOCA checkpoint; --out writes it as a moca_fast model file.
   export SRC --out teacher.safetensors|.pth [--preset P] [--set key=value ...]
-      writes the teacher encoder in timm layout; SRC is an official checkpoint (needs --preset)
-      or a moca_fast model file (its own config is used).
+      writes the teacher encoder in timm layout; SRC is an official checkpoint (needs --preset),
+      a moca_fast model file, or a training checkpoint / run folder of launch/train.py (their own
+      config is used).
 Errors are one line on stderr with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moca_fast.config import PRESETS, parse_kv
 from moca_fast.io.native import is_native, load_model, save_model
@@ -34,13 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", help="write the loaded model as a moca_fast model file here")
 
     exp = sub.add_parser("export", help="write the teacher encoder in timm VisionTransformer layout")
-    exp.add_argument("source", help="official checkpoint (with --preset) or moca_fast model file")
+    exp.add_argument("source", help="official checkpoint (with --preset), moca_fast model file, or a training "
+                                    "checkpoint / run folder")
     add_model_args(exp, "preset of an official checkpoint (not used for a moca_fast model file)", False)
     exp.add_argument("--out", required=True, help="output file: .safetensors (metadata) or .pth")
     return parser
 
 
 def _load(path: str, preset: str | None, overrides: dict):
+    if Path(path).is_dir():
+        from moca_fast.train.checkpoint import load_trained_model
+
+        return load_trained_model(path)[0]
     if is_native(read_checkpoint(path)):
         return load_model(path)
     if preset is None:

@@ -176,3 +176,19 @@ def load_model_state(folder: str | os.PathLike) -> dict:
     if not files:
         raise ConfigError(f"{folder} holds no DeepSpeed model state ({DEEPSPEED_TAG}/mp_rank_00_model_states.pt)")
     return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+
+def load_trained_model(checkpoint: str, device: torch.device | str = "cpu"):
+    """(MOCA with the checkpoint's config and weights in fp32, its config, the checkpoint folder) of a
+    checkpoint folder, or of a run folder's latest checkpoint."""
+    from moca_fast.config import Config, apply_overrides
+    from moca_fast.model.moca import MOCA
+
+    folder = resolve_resume(checkpoint, checkpoint, flag="--checkpoint")
+    if folder is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint found")
+    meta = read_meta(folder)
+    cfg = apply_overrides(Config(), meta["config"])
+    model = MOCA(cfg, meta["world_size"])
+    model.load_state_dict(load_model_state(folder))
+    return model.to(device).float(), cfg, folder
