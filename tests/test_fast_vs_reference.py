@@ -15,17 +15,12 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: the ker
 
 import torch  # noqa: E402
 
+from kernel_checks import rel_err  # noqa: E402
 from moca_fast.kernels import INTERPRET_HINT, interpreted  # noqa: E402
 from moca_fast.kernels.soft_ce import _kl_fwd_kernel  # noqa: E402
 from moca_fast.model.moca import build_model  # noqa: E402
 
 TOL = 1e-5
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.double().abs().max()
-    diff = (actual.double() - expected.double()).abs().max()
-    return 0.0 if scale == 0 and diff == 0 else (diff / scale).item()
 
 
 def test_fast_path_matches_reference_path():

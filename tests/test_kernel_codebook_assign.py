@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import moca_fast.kernels  # noqa: E402
+from kernel_checks import fresh_seed, rel_err  # noqa: E402
 from moca_fast.kernels import INTERPRET_HINT, interpreted  # noqa: E402
 from moca_fast.kernels import codebook_assign as ca  # noqa: E402
 
@@ -26,15 +27,9 @@ N, L, C, K = 3, 37, 45, 67  # no dimension a multiple of a block (CPU blocks: to
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    torch.manual_seed(seed)
+def random_inputs_on_the_interpreter():
+    fresh_seed()
     assert interpreted(ca._token_stats_kernel), INTERPRET_HINT
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def make_inputs(dtype):

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernel_checks import fresh_seed, rel_err  # noqa: E402
 from moca_fast.kernels import INTERPRET_HINT, interpreted  # noqa: E402
 from moca_fast.kernels import soft_ce  # noqa: E402
 
@@ -26,15 +27,9 @@ B2, L, C, N_DEC = 6, 29, 19, 11  # dense loss: 2B images of L tokens, N_DEC deco
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    torch.manual_seed(seed)
+def random_inputs_on_the_interpreter():
+    fresh_seed()
     assert interpreted(soft_ce._kl_fwd_kernel), INTERPRET_HINT
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def student(rows: int, dtype, scale: float = 1.0):
