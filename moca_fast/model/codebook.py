@@ -48,14 +48,16 @@ class OnlineCodebook(nn.Module):
         return self.inv_delta / self.dist_norm_prev
 
     @torch.no_grad()
-    def update_dist_norm(self, stat: torch.Tensor) -> None:
-        """EMA of |mean over tokens of (max_K cos - mean_K cos)|, the statistic averaged over ranks."""
-        stat = stat.detach().float().abs().reshape(1).clone()
+    def update_dist_norm(self, stats: torch.Tensor) -> None:
+        """EMA of |mean over tokens of (max_K cos - mean_K cos)|, one update per element of `stats` (a scalar
+        or one per view, in order), each statistic averaged over ranks (one all-reduce for all of them)."""
+        stats = stats.detach().float().abs().reshape(-1).clone()
         _, world = _world()
         if world > 1:
-            dist.all_reduce(stat)
-            stat /= world
-        self.dist_norm.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
+            dist.all_reduce(stats)
+            stats /= world
+        for stat in stats:
+            self.dist_norm.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def draw_words(self, tokens: torch.Tensor, n: int) -> torch.Tensor:

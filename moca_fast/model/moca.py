@@ -121,8 +121,7 @@ class MOCA(nn.Module):
         targets, stats = teacher_targets(tokens1, tokens2, words, self.codebook.inv_temperature(),
                                          self.codebook.interior, cfg.impl)
         if self.training:
-            for stat in stats:
-                self.codebook.update_dist_norm(stat)
+            self.codebook.update_dist_norm(torch.stack(stats))
             if update_teacher:
                 self.codebook.step(tokens1 if torch.rand(()) < 0.5 else tokens2)
 
