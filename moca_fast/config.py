@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,18 +175,11 @@ class Config:
             fail(f"impl={self.impl!r} must be 'reference' or 'fast'")
         if self.attention not in ("auto", "sdpa", "xformers"):
             fail(f"attention={self.attention!r} must be 'auto', 'sdpa' or 'xformers'")
-        if self.data_backend not in ("auto", "dali", "torch", "synthetic"):
-            fail(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
-        if self.bad_files not in ("skip", "error"):
-            fail(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
+        self.validate_data()
         if self.precision not in ("auto", "bf16", "fp32"):
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
         if self.zero_stage not in (0, 1, 2):
             fail(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
-        if not 0 < self.crop_min <= 1:
-            fail(f"crop_min={self.crop_min} must be in (0, 1]")
-        if self.num_workers < 0:
-            fail(f"num_workers={self.num_workers} must be >= 0")
         if self.lr_epochs_mul < 1:
             fail(f"lr_epochs_mul={self.lr_epochs_mul} must be >= 1")
         if not 0 < self.momentum_start <= 1:
@@ -198,6 +191,18 @@ class Config:
                  f"eval_every={self.eval_every} >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             fail(f"max_steps={self.max_steps} must be >= 1")
+        return self
+
+    def validate_data(self) -> "Config":
+        """The data settings alone (what a loader needs, whatever the model)."""
+        if self.data_backend not in ("auto", "dali", "torch", "synthetic"):
+            raise ConfigError(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
+        if self.bad_files not in ("skip", "error"):
+            raise ConfigError(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
+        if not 0 < self.crop_min <= 1:
+            raise ConfigError(f"crop_min={self.crop_min} must be in (0, 1]")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
         return self
 
 

@@ -100,10 +100,7 @@ def data_root(cfg) -> str:
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device="cpu") -> TwoViewLoader:
     """The two-view training loader of cfg.data_backend for this rank (see the module docstring)."""
     device = torch.device(device)
-    if not 0 < cfg.crop_min <= 1:
-        raise ConfigError(f"crop_min={cfg.crop_min} must be in (0, 1]")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"num_workers={cfg.num_workers} must be >= 0")
+    cfg.validate_data()
     backend = select_backend(cfg.data_backend, device, rank)
     if backend == "synthetic":
         from moca_fast.data.synthetic import SyntheticTwoViewLoader
@@ -113,11 +110,12 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device="cpu") ->
     if backend == "dali":
         from moca_fast.data.dali import DaliTwoViewLoader
 
-        if cfg.data_backend == "dali":
-            return DaliTwoViewLoader(images, cfg, rank, world_size, device)
         try:
             return DaliTwoViewLoader(images, cfg, rank, world_size, device)
-        except RuntimeError as e:  # "auto" must not fail where the torch backend works
+        except RuntimeError as e:
+            if cfg.data_backend == "dali":
+                raise
+            # "auto" must not fail where the torch backend works
             log.warning("DALI pipeline failed to start (%s); data backend: torch", str(e).splitlines()[0])
     from moca_fast.data.torch_backend import TorchTwoViewLoader
 

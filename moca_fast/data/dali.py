@@ -52,7 +52,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from moca_fast.data.scan import ImageList, cache_root, check_image, open_rgb
+from moca_fast.data.scan import ImageList, cache_root, check_image, file_head, has_signature, open_rgb
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_seed
 from moca_fast.data.torch_backend import note_failed
 from moca_fast.data.transforms import (BLUR_RADIUS, CROP_ATTEMPTS, CROP_RATIO, CROP_SCALE_MAX, FLIP_P,
@@ -246,12 +246,8 @@ def output_names(expose_params: bool = False) -> list[str]:
 def _dali_decodes(path: str) -> bool:
     """True when the file's signature is a format DALI decodes (JPEG, PNG, BMP, TIFF, WebP), or when
     the file cannot be read now (the loader substitutes it if the reader meets it)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except OSError:
-        return True
-    return head.startswith(DALI_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    head = file_head(path)
+    return head is None or has_signature(head, DALI_SIGNATURES)
 
 
 def _why_unusable(path: str) -> str | None:

@@ -106,13 +106,23 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or "no detail"
 
 
-def _has_image_signature(path: str) -> bool:
+def file_head(path: str) -> bytes | None:
+    """The first 12 bytes of a file (enough for its format signature), or None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(12)
+            return f.read(12)
     except OSError:
-        return False
-    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        return None
+
+
+def has_signature(head: bytes, signatures: tuple[bytes, ...]) -> bool:
+    """Whether `head` starts with one of `signatures`, or is a WebP (RIFF....WEBP) header."""
+    return head.startswith(signatures) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _has_image_signature(path: str) -> bool:
+    head = file_head(path)
+    return head is not None and has_signature(head, _SIGNATURES)
 
 
 def _list_files(folder: str) -> list[tuple[str, int, int]]:
