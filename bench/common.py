@@ -161,3 +161,21 @@ def write_json(path: str | Path | None, obj: dict) -> None:
 def preset_name(args) -> str:
     """The preset a benchmark runs: --preset, else tiny for --small, else the paper's ViT-B/16."""
     return args.preset or ("tiny" if args.small else "vit_base_dec2")
+
+
+def run_variants(names, run_one, device: torch.device, unavailable: type[Exception]) -> dict[str, dict]:
+    """{name: run_one(name)} over the variants; a variant that raises `unavailable` or fails is reported
+    in its "status" without hiding the others' results. Device memory is freed after each."""
+    import traceback
+
+    results = {}
+    for name in names:
+        try:
+            results[name] = run_one(name)
+        except unavailable as e:
+            results[name] = {"status": f"unavailable: {e}"}
+        except Exception as e:  # one failing variant must not hide the others' results
+            traceback.print_exc()
+            results[name] = {"status": f"failed: {first_line(e)}"}
+        free_memory(device)
+    return results

@@ -23,14 +23,13 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 
 from breakdown import CATEGORIES, breakdown  # noqa: E402
-from common import env_info, first_line, format_table, free_memory, preset_name, sync, write_json  # noqa: E402
+from common import env_info, format_table, preset_name, run_variants, sync, write_json  # noqa: E402
 from steps import VARIANTS, Batches, TrainStep, VariantUnavailable  # noqa: E402
 from throughput import resolve  # noqa: E402
 from moca_fast.config import ConfigError  # noqa: E402
@@ -93,17 +92,10 @@ def main(argv=None) -> dict:
     trace_dir = Path(args.trace_dir) if args.trace_dir else (Path(args.out).parent if args.out else None)
     torch.manual_seed(cfg.seed)
     batches = Batches(cfg, device)
-    results = {}
-    for name in names:
-        trace_path = trace_dir / f"{name}.trace.json.gz" if trace_dir else None
-        try:
-            results[name] = profile_variant(name, cfg, device, batches, warmup, steps, compile_blocks, trace_path)
-        except VariantUnavailable as e:
-            results[name] = {"status": f"unavailable: {e}"}
-        except Exception as e:  # one failing variant must not hide the others' profiles
-            traceback.print_exc()
-            results[name] = {"status": f"failed: {first_line(e)}"}
-        free_memory(device)
+    results = run_variants(
+        names, lambda name: profile_variant(name, cfg, device, batches, warmup, steps, compile_blocks,
+                                            trace_dir / f"{name}.trace.json.gz" if trace_dir else None),
+        device, VariantUnavailable)
     report = {"benchmark": "profile",
               "settings": {"preset": preset_name(args), "batch_size": cfg.batch_size, "precision": "bf16 autocast",
                            "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
@@ -113,7 +105,6 @@ def main(argv=None) -> dict:
     write_json(args.out, report)
     print_report(report)
     return report
-
 
 
 def print_report(report: dict) -> None:

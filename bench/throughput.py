@@ -16,15 +16,14 @@ import math
 import os
 import sys
 import time
-import traceback
 
 if "--small" in sys.argv[1:]:  # CPU run: the Triton kernels need the interpreter, set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_info, first_line,  # noqa: E402
-                    format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device,
+from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_info,  # noqa: E402
+                    format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
                     preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
 from steps import VARIANTS, Batches, TrainStep, VariantUnavailable, fused_kernels_missing  # noqa: E402
@@ -127,17 +126,9 @@ def main(argv=None) -> dict:
     free_memory(device)
     analytic = analytic_step_flops(cfg, B)
 
-    results = {}
-    for name in names:
-        try:
-            results[name] = run_variant(name, cfg, device, batches, warmup, steps, compile_blocks)
-        except VariantUnavailable as e:
-            results[name] = {"status": f"unavailable: {e}"}
-        except Exception as e:  # one failing variant must not hide the others' numbers
-            traceback.print_exc()
-            results[name] = {"status": f"failed: {first_line(e)}"}
-        free_memory(device)
-        r = results[name]
+    results = run_variants(names, lambda name: run_variant(name, cfg, device, batches, warmup, steps,
+                                                           compile_blocks), device, VariantUnavailable)
+    for r in results.values():
         if r["status"] == "ok":
             r["img_per_s"] = B / (r["step_ms_median"] / 1e3)
             r["achieved_tflops"] = flops / (r["step_ms_median"] / 1e3) / 1e12
@@ -169,7 +160,6 @@ def main(argv=None) -> dict:
     write_json(args.out, report)
     print_report(report)
     return report
-
 
 
 def print_report(report: dict) -> None:
