@@ -2,7 +2,7 @@
 
 GPU run: every GPU kernel/memcpy/memset is put in one category by its name, the name of the aten
 op that launched it (the trace's "External id" link) and the host time of its launch (the
-"correlation" link): launched inside the "bench.optimizer" range -> optimiser, inside "bench.data"
+"correlation" link): launched inside an OPTIMIZER_RANGES range -> optimiser, inside "bench.data"
 -> data. GPU idle time inside the profiled window is "data wait" where the host was fetching a
 batch and "idle" elsewhere. CPU run: the self time of every aten op, categorised the same way,
 except that the whole "bench.data" range is data wait (loader workers are other processes);
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+#: profiler ranges whose work is the optimiser's: the benches' own step, and the trainer's engine.step
+OPTIMIZER_RANGES = ("bench.optimizer", "train.optimizer")
 CATEGORIES = ("GEMM", "attention", "normalisation", "loss kernels", "elementwise", "optimiser", "data wait", "idle")
 GPU_EVENT_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
@@ -66,9 +68,9 @@ def _complete_events(trace: dict) -> list[dict]:
     return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("dur") is not None]
 
 
-def _annotations(events: list[dict], name: str) -> Ranges:
+def _annotations(events: list[dict], *names: str) -> Ranges:
     return Ranges((e["ts"], e["ts"] + e["dur"]) for e in events
-                  if e.get("cat") == "user_annotation" and e.get("name") == name)
+                  if e.get("cat") == "user_annotation" and e.get("name") in names)
 
 
 def _self_times(ops: list[dict]) -> list[tuple[dict, float]]:
@@ -107,7 +109,7 @@ def breakdown(trace: dict, steps: int) -> dict:
     step_ranges = _annotations(events, "bench.step").intervals
     if not step_ranges:
         raise ValueError("the trace has no bench.step range: was the step annotated?")
-    optimizer, data = _annotations(events, "bench.optimizer"), _annotations(events, "bench.data")
+    optimizer, data = _annotations(events, *OPTIMIZER_RANGES), _annotations(events, "bench.data")
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     gpu = [e for e in events if e.get("cat") in GPU_EVENT_CATS]
     window_start, host_end = step_ranges[0][0], step_ranges[-1][1]

@@ -13,13 +13,7 @@ OUT=${OUT:-$(mktemp -d)}
 BUDGET_S=${BUDGET_S:-225}
 mkdir -p "$OUT"
 
-# moca_fast.kernels is the repository's kernels/ folder (setup.py package_dir): assemble the package in a
-# scratch folder instead of installing (pip would try to resolve torch).
-PKG=$(mktemp -d)
-cp -r moca_fast "$PKG/moca_fast"
-rm -rf "$PKG/moca_fast/kernels"
-cp -r kernels "$PKG/moca_fast/kernels"
-export PYTHONPATH="$PKG"
+source bench/device_env.sh
 
 echo "== environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: failed"

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 
 from breakdown import CATEGORIES, breakdown  # noqa: E402
 from common import env_info, format_table, preset_name, run_variants, sync, write_json  # noqa: E402
-from steps import VARIANTS, Batches, TrainStep, VariantUnavailable  # noqa: E402
+from steps import VARIANTS, Batches, VariantUnavailable, make_step  # noqa: E402
 from throughput import resolve  # noqa: E402
 from moca_fast.config import ConfigError  # noqa: E402
 
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def profile_variant(name: str, cfg, device, batches: Batches, warmup: int, steps: int, compile_blocks: bool,
                     trace_path: Path | None) -> dict:
-    step = TrainStep(name, cfg, device, compile_blocks)
+    step = make_step(name, cfg, device, compile_blocks)
     for _ in range(warmup):
         step(*batches.next())
     sync(device)

@@ -1,13 +1,18 @@
 """The training steps the benchmarks compare: one full MOCA step per call.
 
 A step: teacher EMA -> teacher targets -> student (two masking rounds) -> losses -> backward ->
-grad-norm clip 0.1 -> AdamW -> codebook update (inside the model's forward), under bf16 autocast on
-the input views cast to bf16 (as the trainer feeds them). Variants:
-- reference: the official-equivalent path: fp32 weights, eager PyTorch, torch AdamW (foreach);
-- fast: bf16 weights with fp32 masters, the fused Triton loss kernels, compiled blocks, the patch
-  embedding as a GEMM, fused AdamW (moca_fast.model.fastpath);
+grad-norm clip 0.1 -> AdamW -> codebook update (inside the model's forward). Variants:
+- reference: the official-equivalent path: fp32 weights under bf16 autocast, eager PyTorch, torch
+  AdamW (foreach);
+- fast: bf16 weights with fp32 masters, the fused Triton kernels, compiled blocks, the patch
+  embedding as a GEMM, fused AdamW (moca_fast.model.fastpath), under bf16 autocast;
 - fast_eager: fast without torch.compile (what compilation adds);
-- fast_reference_losses: fast with the PyTorch losses (what the fused kernels add).
+- fast_reference_losses: fast with the PyTorch losses (what the fused kernels add);
+- trainer, trainer_fast: the trainer's own step (moca_fast.train.step.train_step) on the DeepSpeed
+  engine that `deepspeed launch/train.py` builds (ZeRO-2, bf16 weights with fp32 masters, fused
+  AdamW on CUDA, no autocast) with impl=reference / impl=fast and the trainer's fast-path pieces:
+  what a user's run gets, DeepSpeed's own costs included. They need deepspeed to import.
+The views arrive as float32 and are cast to bf16 in the step, as the trainer does.
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch.profiler import record_function
 
+from common import first_line
 from moca_fast.config import Config
 from moca_fast.model.fastpath import FastOptions, MixedPrecisionAdamW, prepare_fast
 from moca_fast.model.moca import MOCA
 from moca_fast.train.schedules import Schedules, apply_schedules, parameter_groups
+from moca_fast.train.step import LossTotals, train_step
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class VariantSpec:
     fast: FastOptions | None
     fused_adamw: bool
     summary: str
+    trainer: bool = False
 
 
 VARIANTS = {
@@ -36,6 +44,9 @@ VARIANTS = {
     "fast": VariantSpec("fast", FastOptions(), True, "bf16 weights, fused kernels, compiled blocks, fused AdamW"),
     "fast_eager": VariantSpec("fast", FastOptions(compile_blocks=False), True, "fast without torch.compile"),
     "fast_reference_losses": VariantSpec("reference", FastOptions(), True, "fast with PyTorch losses"),
+    "trainer": VariantSpec("reference", None, True, "the trainer's DeepSpeed step, impl=reference", trainer=True),
+    "trainer_fast": VariantSpec("fast", FastOptions(bf16_weights=False), True,
+                                "the trainer's DeepSpeed step, impl=fast", trainer=True),
 }
 
 
@@ -51,8 +62,7 @@ def fused_kernels_missing(device: torch.device) -> str | None:
         import moca_fast.kernels.codebook_assign  # noqa: F401
         import moca_fast.kernels.soft_ce  # noqa: F401
     except Exception as e:  # ImportError while the kernels are missing; anything a broken module raises
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        return first_line(e)
     return None
 
 
@@ -66,24 +76,36 @@ def variant_spec(name: str, compile_blocks: bool) -> VariantSpec:
     return spec
 
 
-class TrainStep:
-    """A model and optimiser of one variant; calling it runs one full training step.
+def make_step(name: str, cfg: Config, device: torch.device, compile_blocks: bool = True):
+    """The step of variant `name`: a TrainStep, or a TrainerStep for the trainer variants.
 
-    x1, x2: float32 [B, 3, H, W] views on the device. Returns the detached loss (no host sync).
+    Calling it with float32 views x1, x2 [B, 3, H, W] on the device runs one full training step and
+    returns the detached loss (no host sync). Raises VariantUnavailable when it cannot run here.
     """
+    spec = variant_spec(name, compile_blocks)
+    if spec.impl == "fast" and (missing := fused_kernels_missing(device)):
+        raise VariantUnavailable(missing)
+    return (TrainerStep if spec.trainer else TrainStep)(spec, cfg, device)
 
-    def __init__(self, name: str, cfg: Config, device: torch.device, compile_blocks: bool = True):
-        spec = variant_spec(name, compile_blocks)
-        if spec.impl == "fast" and (missing := fused_kernels_missing(device)):
-            raise VariantUnavailable(missing)
-        self.name, self.spec, self.device = name, spec, device
+
+def _at_peak_learning_rate(param_groups: list[dict], cfg: Config) -> float:
+    """Sets the groups' lr and wd to the schedules' values at the end of the warm-up (the peak
+    learning rate); returns the teacher momentum there."""
+    schedules = Schedules.from_config(cfg, world_size=1)
+    apply_schedules(param_groups, schedules, cfg.warmup_epochs)
+    return schedules.momentum(cfg.warmup_epochs)
+
+
+class TrainStep:
+    """The benches' standalone step: a model and a MixedPrecisionAdamW, under bf16 autocast."""
+
+    def __init__(self, spec: VariantSpec, cfg: Config, device: torch.device):
+        self.spec, self.device = spec, device
         self.model = MOCA(cfg.replace(impl=spec.impl), world_size=1).to(device).train()
         if spec.fast is not None:
             prepare_fast(self.model, spec.fast)
-        schedules = Schedules.from_config(cfg, world_size=1)
         groups = parameter_groups(self.model, MOCA.GENERATOR_PREFIXES)
-        apply_schedules(groups, schedules, epoch=cfg.warmup_epochs)  # the peak learning rate
-        self.momentum = schedules.momentum(cfg.warmup_epochs)
+        self.momentum = _at_peak_learning_rate(groups, cfg)
         self.optimizer = MixedPrecisionAdamW(groups, cfg.clip_grad, fused=spec.fused_adamw,
                                              betas=tuple(cfg.adam_betas))
         self.attention_backend = self.model.attention_backend
@@ -97,6 +119,32 @@ class TrainStep:
             self.optimizer.step()
             self.optimizer.zero_grad()
         return loss.detach()
+
+
+class TrainerStep:
+    """The trainer's step: build_engine and train_step exactly as moca_fast.train.loop uses them, on a
+    one-rank process group (NCCL on CUDA, gloo on the CPU), bf16, ZeRO-2."""
+
+    def __init__(self, spec: VariantSpec, cfg: Config, device: torch.device):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise VariantUnavailable(f"deepspeed does not import ({first_line(e)})") from None
+        from moca_fast.train.engine import build_engine, init_distributed
+
+        dist_info = init_distributed()
+        if dist_info.device.type != device.type:
+            raise VariantUnavailable(f"the trainer picks {dist_info.device}, the benchmark runs on {device}")
+        compile_blocks = "on" if spec.fast is not None and spec.fast.compile_blocks else "off"
+        cfg = cfg.replace(impl=spec.impl, compile_blocks=compile_blocks, precision="bf16", zero_stage=2)
+        self.spec, self.device = spec, device
+        self.engine, _ = build_engine(MOCA(cfg, world_size=1), cfg, dist_info, "bf16")
+        self.attention_backend = self.engine.module.attention_backend
+        self.momentum = _at_peak_learning_rate(self.engine.optimizer.param_groups, cfg)
+        self.totals = LossTotals(device)
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return train_step(self.engine, iter([(x1, x2)]), self.momentum, torch.bfloat16, self.totals)[0]
 
 
 class Batches:

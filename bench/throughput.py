@@ -26,7 +26,7 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_i
                     format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
                     preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
-from steps import VARIANTS, Batches, TrainStep, VariantUnavailable, fused_kernels_missing  # noqa: E402
+from steps import VARIANTS, Batches, VariantUnavailable, fused_kernels_missing, make_step  # noqa: E402
 from moca_fast.config import ConfigError, load_config  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
@@ -77,7 +77,7 @@ def resolve(args: argparse.Namespace):
 
 def count_step_flops(cfg, device, batches: Batches) -> tuple[int, dict[str, int]]:
     """FLOPs of one full training step of the reference path at this batch size."""
-    step = TrainStep("reference", cfg, device)
+    step = make_step("reference", cfg, device)
     views = batches.next()
     return count_flops(lambda: step(*views))
 
@@ -88,7 +88,7 @@ def run_variant(name: str, cfg, device, batches: Batches, warmup: int, steps: in
     held = allocated_memory(device)
     graphs = counters["stats"]["unique_graphs"]
     start = time.perf_counter()
-    step = TrainStep(name, cfg, device, compile_blocks)
+    step = make_step(name, cfg, device, compile_blocks)
     for _ in range(warmup):
         loss = step(*batches.next())
     sync(device)

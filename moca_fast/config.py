@@ -51,6 +51,7 @@ class Config:
     # --- implementation choices ---
     impl: str = "reference"  # "reference" (pure PyTorch) or "fast" (fused Triton kernels)
     attention: str = "auto"  # "auto", "sdpa", "xformers"
+    compile_blocks: str = "auto"  # torch.compile each transformer block: "auto" (with impl=fast on a GPU), "on", "off"
     # --- optimisation ---
     epochs: int = 200
     batch_size: int = 256  # per GPU (per rank)
@@ -175,6 +176,8 @@ class Config:
             fail(f"impl={self.impl!r} must be 'reference' or 'fast'")
         if self.attention not in ("auto", "sdpa", "xformers"):
             fail(f"attention={self.attention!r} must be 'auto', 'sdpa' or 'xformers'")
+        if self.compile_blocks not in ("auto", "on", "off"):
+            fail(f"compile_blocks={self.compile_blocks!r} must be 'auto', 'on' or 'off'")
         self.validate_data()
         if self.precision not in ("auto", "bf16", "fp32"):
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")

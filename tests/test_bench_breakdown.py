@@ -11,19 +11,19 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: bench/profile.py shadows stdlib
 
-from breakdown import CATEGORIES, breakdown, classify  # noqa: E402
+from breakdown import CATEGORIES, OPTIMIZER_RANGES, breakdown, classify  # noqa: E402
 
 
 def _x(cat, name, ts, dur, **args):
     return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur, "args": args}
 
 
-def _gpu_trace():
+def _gpu_trace(optimizer_range="bench.optimizer"):
     """One step over [0, 100) us on the host; GPU work in us: GEMM 10, attention 5, LayerNorm 4,
     fused loss 6, GELU 3, optimiser 7, the synthetic batch's randn 1; a host sync in the step."""
     ev = [_x("user_annotation", "bench.step", 0, 100),
           _x("user_annotation", "bench.data", 0, 20),
-          _x("user_annotation", "bench.optimizer", 70, 25)]
+          _x("user_annotation", optimizer_range, 70, 25)]
     launches = [  # (op name, op External id, launch ts, kernel name, kernel ts, kernel dur)
         ("aten::randn", 1, 2, "void at::native::distribution_elementwise_grid_stride_kernel", 30, 1),
         ("aten::addmm", 2, 22, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 31, 10),
@@ -42,8 +42,9 @@ def _gpu_trace():
     return {"traceEvents": ev}
 
 
-def test_gpu_trace_categories():
-    r = breakdown(_gpu_trace(), steps=1)
+@pytest.mark.parametrize("optimizer_range", OPTIMIZER_RANGES)  # the benches' step and the trainer's
+def test_gpu_trace_categories(optimizer_range):
+    r = breakdown(_gpu_trace(optimizer_range), steps=1)
     ms = {c: round(v * 1e3, 6) for c, v in r["ms_per_step"].items()}  # back to us
     # window [0, 100): busy 36 us, idle gaps [0,30) (20 us of it while fetching data), [59,80), [87,100)
     assert ms == {"GEMM": 10, "attention": 5, "normalisation": 4, "loss kernels": 6, "elementwise": 3,

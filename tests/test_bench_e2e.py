@@ -24,7 +24,8 @@ from flops import analytic_step_flops  # noqa: E402
 
 from moca_fast.config import load_config  # noqa: E402
 
-VARIANTS = ("reference", "fast", "fast_reference_losses")  # --small: no compilation, so no fast_eager
+# --small: no compilation, so no fast_eager
+VARIANTS = ("reference", "fast", "fast_reference_losses", "trainer", "trainer_fast")
 
 
 def _run(args, timeout=150):
@@ -66,7 +67,7 @@ def test_throughput_json_fields(throughput):
         assert len(r["step_ms"]) == report["settings"]["timed_steps"]
         assert r["img_per_s"] == pytest.approx(report["settings"]["batch_size"] / r["step_ms_median"] * 1e3)
     # the table comes last
-    assert stdout.rstrip().splitlines()[-1].startswith("fast_reference_losses")
+    assert stdout.rstrip().splitlines()[-1].startswith("trainer_fast")
 
 
 def test_counted_flops_match_analytic(throughput):

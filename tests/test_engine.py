@@ -1,6 +1,7 @@
 """DeepSpeed config generation and user-config precedence; the real engine in bf16 (CPU, ZeRO-1 and 2):
 teacher and codebook stay fp32, the optimiser updates the student only, the teacher EMA and the
 codebook update run once per optimiser step under gradient accumulation."""
+import math
 import os
 from pathlib import Path
 
@@ -128,3 +129,49 @@ def test_bf16_engine_keeps_teacher_and_codebook_fp32_and_updates_once_per_step(z
     assert facts["codebook_ptr"] == 4, "tiny: 4 new words once per optimiser step, not per micro-step"
     assert facts["teacher_is_one_ema"] and facts["teacher_still_fp32"]
     assert facts["student_moved"] and facts["finite"] == facts["finite"]
+
+
+def _fast_engine_facts(rank, port, results):
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from moca_fast.model.fastpath import MatmulPatchEmbed
+    from moca_fast.model.moca import MOCA
+    from moca_fast.train.engine import build_engine, init_distributed
+
+    dist_info = init_distributed()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(2, 4, 3, 64, 64, generator=g).to(torch.bfloat16)
+    losses, names = {}, {}
+    for impl in ("reference", "fast"):
+        cfg = load_config("tiny", overrides=dict(impl=impl))
+        torch.manual_seed(0)
+        engine, _ = build_engine(MOCA(cfg, 1), cfg, dist_info, "bf16")
+        model = engine.module
+        names[impl] = sorted(model.state_dict())
+        if impl == "fast":
+            results["patch_embed_gemm"] = all(isinstance(m.patch_embed, MatmulPatchEmbed)
+                                              for m in (model.encoder, model.teacher))
+            results["fast_options"] = model.fast_options
+        torch.manual_seed(2)  # the same masks and codebook draw
+        loss, _ = engine(x1, x2, momentum=0.99)
+        losses[impl] = loss.item()
+    results["same_state_dict_names"] = names["reference"] == names["fast"]
+    results["losses"] = losses
+
+
+def test_trainer_engine_with_impl_fast_takes_the_fast_path_and_matches_reference():
+    """impl=fast in the trainer's engine: the GEMM patch embedding in student and teacher (no compile on
+    CPU: compile_blocks=auto), the same checkpoint names, and the bf16 loss of impl=reference within the
+    bf16 bar (1e-2 relative) for the same weights, inputs, masks and codebook draw."""
+    import socket
+
+    from moca_fast.model.fastpath import FastOptions
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_fast_engine_facts, args=(port, results), nprocs=1, join=True)
+    assert results["patch_embed_gemm"] and results["same_state_dict_names"]
+    assert results["fast_options"] == FastOptions(bf16_weights=False, compile_blocks=False)
+    ref, fast = results["losses"]["reference"], results["losses"]["fast"]
+    assert math.isfinite(ref) and abs(fast - ref) <= 1e-2 * abs(ref), (ref, fast)

@@ -1,14 +1,16 @@
 """moca_fast.model.fastpath: the GEMM patch embedding, bf16 weights with fp32 masters, and the
 fast-prepared model against the reference path (impl=reference on both sides, so only
-prepare_fast differs; the fused kernels have their own tests). torch.compile of the blocks is
-left to the device run (bench/device_speed.sh): an inductor CPU compile costs minutes here.
+prepare_fast differs; the fused kernels have their own tests). torch.compile of the blocks is traced
+here with dynamo's "eager" backend; inductor's code generation is left to the device run
+(bench/device_speed.sh): an inductor CPU compile costs minutes here.
 """
 import copy
 
 import torch
 import torch.nn as nn
 
-from moca_fast.model.fastpath import FastOptions, MatmulPatchEmbed, MixedPrecisionAdamW, prepare_fast
+from moca_fast.model.fastpath import (RECOMPILE_LIMIT, FastOptions, MatmulPatchEmbed, MixedPrecisionAdamW, prepare_fast,
+                                     trainer_fast_options)
 from moca_fast.model.moca import build_model
 from moca_fast.train.schedules import parameter_groups
 
@@ -33,6 +35,16 @@ def test_prepare_fast_keeps_names_and_fp32_teacher():
     for part in (model.teacher, model.img_generator, model.dense_generator, model.codebook):
         assert {t.dtype for t in list(part.parameters()) + list(part.buffers()) if t.is_floating_point()} \
             == {torch.float32}
+
+
+def test_trainer_fast_options_follow_impl_compile_setting_and_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert trainer_fast_options("reference", "auto", cuda) is None
+    assert trainer_fast_options("fast", "auto", cpu) == FastOptions(bf16_weights=False, compile_blocks=False)
+    assert trainer_fast_options("fast", "auto", cuda) == FastOptions(bf16_weights=False, compile_blocks=True)
+    assert trainer_fast_options("fast", "off", cuda) == FastOptions(bf16_weights=False, compile_blocks=False)
+    assert trainer_fast_options("reference", "on", cpu) == FastOptions(bf16_weights=False, matmul_patch_embed=False,
+                                                                       compile_blocks=True)
 
 
 def _same_grads(params, seed):
@@ -152,3 +164,46 @@ def test_loss_trajectory_follows_reference():
     gap = (fast - ref).abs().mean()
     assert gap <= 0.02 * ref.mean() and gap <= 0.1 * training_effect, (gap, training_effect)
     assert abs(fast[-50:].mean() - ref[-50:].mean()) <= 0.02 * ref[-50:].mean()
+
+
+def test_compiled_blocks_trace_whole_and_compute_the_same():
+    """Compiled blocks (dynamo with the "eager" backend: the same tracing as inductor, no code generation,
+    so it runs here in seconds) trace without a graph break, compile once per distinct input shape, and
+    give the uncompiled model's loss and gradients (the same aten ops in the same order: 1e-6 relative).
+
+    The sequence is what a training run does with the blocks: two training steps (student rounds of 12 and
+    4 tokens + [CLS], decoder lengths 11 and 7 + [AVG], the teacher at 17), then k-NN features at two batch
+    sizes: 7 shapes, each compiled once, within RECOMPILE_LIMIT.
+    """
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = build_model("tiny")
+    compiled = prepare_fast(copy.deepcopy(eager), FastOptions(bf16_weights=False, matmul_patch_embed=False,
+                                                              compile_backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    B, S = eager.config.batch_size, eager.config.img_size
+    for step in range(2):
+        x1, x2 = torch.randn(2, B, 3, S, S)
+        masks = eager.sample_masks(2 * B, "cpu")
+        seed = torch.seed()
+        results = []
+        for model in (eager, compiled):
+            torch.manual_seed(seed)  # the same codebook draw
+            loss, _ = model(x1, x2, 0.99, masks=masks)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+            model.zero_grad()
+        (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+        torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
+        assert grads_compiled.keys() == grads_eager.keys()
+        for name, g in grads_eager.items():
+            torch.testing.assert_close(grads_compiled[name], g, rtol=1e-6, atol=1e-9, msg=name)
+    for n in (7, 3):
+        x = torch.randn(n, 3, S, S)
+        torch.testing.assert_close(compiled.teacher_features(x), eager.teacher_features(x), rtol=1e-6, atol=1e-7)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 7
+    assert counters["stats"]["unique_graphs"] == 7 <= RECOMPILE_LIMIT

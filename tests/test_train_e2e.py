@@ -140,7 +140,7 @@ def test_two_rank_run_stopped_and_resumed_is_identical_to_an_uninterrupted_one(j
     assert cfg["batch_size"] == 2 and cfg["grad_accum"] == 2 and cfg["data"] == str(jpegs)
     env = json.loads((full / "env.json").read_text())
     assert env["world_size"] == 2 and env["precision"] == "fp32" and env["data_backend"] == "torch"
-    assert env["attention_backend"] == "sdpa" and env["kernel_impl"] == "reference"
+    assert env["attention_backend"] == "sdpa" and env["kernel_impl"] == "reference" and env["fast_path"] is None
     assert env["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert env["versions"]["deepspeed"] and env["versions"]["torch"]
     meta = json.loads((ca / "meta.json").read_text())

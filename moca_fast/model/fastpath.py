@@ -9,17 +9,27 @@
 - torch.compile of each transformer block (regional compilation: the blocks share one code object,
   so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
   residual + LayerNorm and the dtype casts.
-The forward is meant to run under bf16 autocast, as bench/steps.py does: the fused loss kernels
-take their product dtype from it (moca_fast.kernels.matmul_dtype), and the reference losses'
-fp32 matmuls become bf16 ones, as in the official code.
+The benches' standalone fast step (bench/steps.py) runs the forward under bf16 autocast: the fused
+loss kernels take their product dtype from it (moca_fast.kernels.matmul_dtype), and the reference
+losses' fp32 matmuls become bf16 ones, as in the official code. The trainer applies the same
+preparation minus the bf16 weights, which DeepSpeed's bf16 mode owns (`trainer_fast_options`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: torch.compile recompilations allowed per code object. Every block of every encoder and decoder
+#: shares Block.forward, compiled once per input shape (and grad mode, dtype): two masking rounds, two
+#: decoder lengths and the teacher make 5, and the k-NN evaluation's batch sizes (its ragged last
+#: batches included) reach dynamo's default limit of 8, past which it silently runs new shapes eagerly.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -27,6 +37,7 @@ class FastOptions:
     bf16_weights: bool = True
     matmul_patch_embed: bool = True
     compile_blocks: bool = True
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces without generating code (tests)
 
 
 class MatmulPatchEmbed(nn.Module):
@@ -63,11 +74,33 @@ def prepare_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Mod
         for module in student:
             module.to(torch.bfloat16)
     if options.compile_blocks:
+        raise_recompile_limit(RECOMPILE_LIMIT)
         for module in student + [model.teacher]:
             for block in module.blocks:
-                block.compile(dynamic=False)
+                block.compile(backend=options.compile_backend, dynamic=False)
     model.fast_options = options
     return model
+
+
+def raise_recompile_limit(limit: int) -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+def trainer_fast_options(impl: str, compile_blocks: str, device: torch.device) -> FastOptions | None:
+    """The fast-path pieces the trainer applies, or None for none.
+
+    impl="fast": the patch embedding as a GEMM. compile_blocks "on", or "auto" with impl="fast" on a
+    CUDA device: compiled blocks. Never bf16 weights: under DeepSpeed's bf16 mode the engine casts the
+    student and keeps the fp32 masters itself.
+    """
+    compile_on = compile_blocks == "on" or (compile_blocks == "auto" and impl == "fast" and device.type == "cuda")
+    if impl != "fast" and not compile_on:
+        return None
+    return FastOptions(bf16_weights=False, matmul_patch_embed=impl == "fast", compile_blocks=compile_on)
 
 
 class MixedPrecisionAdamW:

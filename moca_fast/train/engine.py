@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from moca_fast.config import Config, ConfigError
+from moca_fast.model.fastpath import prepare_fast, trainer_fast_options
 from moca_fast.train.schedules import effective_batch_size, parameter_groups
 
 log = logging.getLogger("moca_fast.train")
@@ -190,7 +191,8 @@ def _match_batchnorm_statistics(model: nn.Module) -> None:
 
 def build_engine(model: nn.Module, cfg: Config, dist_info: DistInfo, precision: str,
                  user_config: dict | None = None):
-    """deepspeed.initialize over the student's parameters (the four MOCA groups, torch AdamW).
+    """deepspeed.initialize over the student's parameters (the four MOCA groups, torch AdamW), after the
+    fast-path preparation that cfg.impl / cfg.compile_blocks ask for (moca_fast.model.fastpath).
 
     Returns (engine, ds_config). After it the teacher and the codebook are fp32 on the device
     (restored from fp32 copies: DeepSpeed casts every parameter in bf16 mode).
@@ -200,6 +202,11 @@ def build_engine(model: nn.Module, cfg: Config, dist_info: DistInfo, precision: 
     ds_config = generate_deepspeed_config(cfg, dist_info.world_size, precision)
     if user_config:
         ds_config = merge_user_config(ds_config, user_config)
+    options = trainer_fast_options(cfg.impl, cfg.compile_blocks, dist_info.device)
+    if options is not None:
+        prepare_fast(model, options)
+        log.info("fast path: patch embedding as a GEMM %s, compiled blocks %s",
+                 "on" if options.matmul_patch_embed else "off", "on" if options.compile_blocks else "off")
     model = model.to(dist_info.device)
     groups = parameter_groups(model, model.GENERATOR_PREFIXES)
     # torch AdamW: DeepSpeed's own Adam would JIT-build a C++ op on CPU; fused on CUDA.

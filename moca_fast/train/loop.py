@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from moca_fast.train.step import LossTotals, train_step
 
 log = logging.getLogger("moca_fast.train")
 
-RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers")
+RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
+              "compile_blocks")
 
 
 class StopSignal:
@@ -108,6 +109,12 @@ def _with_demo_data(cfg: Config, dist_info: DistInfo) -> Config:
     return cfg.replace(knn_train=cfg.knn_train or demo.knn_train, knn_val=cfg.knn_val or demo.knn_val)
 
 
+def _fast_path_facts(model) -> dict | None:
+    """The fast-path pieces applied to the model (moca_fast.model.fastpath), or None."""
+    options = getattr(model, "fast_options", None)
+    return asdict(options) if options is not None else None
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, deepspeed_config: str | None = None):
         self.dist = init_distributed()
@@ -156,6 +163,7 @@ class Trainer:
         write_env_json(self.output / "env.json", world_size=self.dist.world_size, device=str(self.dist.device),
                        precision=self.precision, zero_stage=self.ds_config["zero_optimization"]["stage"],
                        attention_backend=self.model.attention_backend, kernel_impl=self.cfg.impl,
+                       fast_path=_fast_path_facts(self.model),
                        data_backend=self.loader.backend, train_images=self.loader.num_images,
                        skipped_images=len(self.loader.skipped), steps_per_epoch=self.steps_per_epoch,
                        total_steps=self.total_steps, effective_batch_size=effective_batch_size(

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,11 +53,13 @@ class LossTotals:
 
 
 def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], momentum: float,
-               dtype: torch.dtype, totals: LossTotals) -> None:
+               dtype: torch.dtype, totals: LossTotals) -> torch.Tensor:
     """Runs engine.gradient_accumulation_steps() micro-steps from `batches` (one optimiser step).
 
     batches yields (x1, x2) float32 [B, 3, H, W] on the device; they are cast to `dtype` (the
-    engine's parameter dtype). The mean over micro-steps of the loss terms goes to `totals`.
+    engine's parameter dtype). The mean over micro-steps of the loss terms, [3] (loss, loss_img,
+    loss_loc) on the device, goes to `totals` and is returned. The engine's backward and step run
+    in the profiler ranges "train.backward" and "train.optimizer" (bench/profile.py reads them).
     """
     accumulation = engine.gradient_accumulation_steps()
     terms = 0.0
@@ -67,7 +70,10 @@ def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], mom
             raise RuntimeError("the data loader ended before the len() it announced") from None
         last = engine.is_gradient_accumulation_boundary()
         loss, parts = engine(x1.to(dtype), x2.to(dtype), momentum=momentum, update_teacher=last)
-        engine.backward(loss)
-        engine.step()
+        with record_function("train.backward"):
+            engine.backward(loss)
+        with record_function("train.optimizer"):
+            engine.step()
         terms = terms + torch.stack([loss.detach(), parts["img"], parts["loc"]]).float() / accumulation
     totals.add(terms)
+    return terms
