@@ -140,28 +140,36 @@ def _fast_engine_facts(rank, port, results):
     dist_info = init_distributed()
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(2, 4, 3, 64, 64, generator=g).to(torch.bfloat16)
-    losses, names = {}, {}
-    for impl in ("reference", "fast"):
-        cfg = load_config("tiny", overrides=dict(impl=impl))
+    losses, names, options = {}, {}, {}
+    for impl, compile_blocks in (("reference", "auto"), ("fast", "auto"), ("fast", "on")):
+        run = f"{impl}/{compile_blocks}"
+        cfg = load_config("tiny", overrides=dict(impl=impl, compile_blocks=compile_blocks))
         torch.manual_seed(0)
         engine, _ = build_engine(MOCA(cfg, 1), cfg, dist_info, "bf16")
         model = engine.module
-        names[impl] = sorted(model.state_dict())
+        names[run] = sorted(model.state_dict())
+        options[run] = getattr(model, "fast_options", None)
         if impl == "fast":
             results["patch_embed_gemm"] = all(isinstance(m.patch_embed, MatmulPatchEmbed)
                                               for m in (model.encoder, model.teacher))
-            results["fast_options"] = model.fast_options
         torch.manual_seed(2)  # the same masks and codebook draw
         loss, _ = engine(x1, x2, momentum=0.99)
-        losses[impl] = loss.item()
-    results["same_state_dict_names"] = names["reference"] == names["fast"]
-    results["losses"] = losses
+        engine.backward(loss)
+        engine.step()
+        losses[run] = loss.item()
+        results[f"grad_norm {run}"] = engine.get_global_grad_norm()
+    from torch._dynamo.utils import counters
+
+    results["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    results["same_state_dict_names"] = len({tuple(n) for n in names.values()}) == 1
+    results["losses"], results["options"] = losses, options
 
 
 def test_trainer_engine_with_impl_fast_takes_the_fast_path_and_matches_reference():
-    """impl=fast in the trainer's engine: the GEMM patch embedding in student and teacher (no compile on
-    CPU: compile_blocks=auto), the same checkpoint names, and the bf16 loss of impl=reference within the
-    bf16 bar (1e-2 relative) for the same weights, inputs, masks and codebook draw."""
+    """impl=fast in the trainer's engine: the GEMM patch embedding in student and teacher, compiled blocks
+    when compile_blocks=on (inductor; auto leaves them off on the CPU), the same checkpoint names, and for
+    the same weights, inputs, masks and codebook draw, the bf16 loss and grad norm of impl=reference
+    within the bf16 bar (1e-2 relative) through a full engine step."""
     import socket
 
     from moca_fast.model.fastpath import FastOptions
@@ -172,6 +180,12 @@ def test_trainer_engine_with_impl_fast_takes_the_fast_path_and_matches_reference
     results = mp.Manager().dict()
     mp.spawn(_fast_engine_facts, args=(port, results), nprocs=1, join=True)
     assert results["patch_embed_gemm"] and results["same_state_dict_names"]
-    assert results["fast_options"] == FastOptions(bf16_weights=False, compile_blocks=False)
-    ref, fast = results["losses"]["reference"], results["losses"]["fast"]
-    assert math.isfinite(ref) and abs(fast - ref) <= 1e-2 * abs(ref), (ref, fast)
+    assert results["options"] == {"reference/auto": None,
+                                  "fast/auto": FastOptions(bf16_weights=False, compile_blocks=False),
+                                  "fast/on": FastOptions(bf16_weights=False, compile_blocks=True)}
+    assert results["compiled_graphs"] == 5, "fast/on: encoder and decoder at each round's length, and the teacher"
+    ref, ref_norm = results["losses"]["reference/auto"], results["grad_norm reference/auto"]
+    assert math.isfinite(ref) and math.isfinite(ref_norm) and ref_norm > 0
+    for run in ("fast/auto", "fast/on"):
+        assert abs(results["losses"][run] - ref) <= 1e-2 * abs(ref), (run, results["losses"])
+        assert abs(results[f"grad_norm {run}"] - ref_norm) <= 1e-2 * ref_norm, (run, ref_norm)

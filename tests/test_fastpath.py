@@ -1,8 +1,8 @@
 """moca_fast.model.fastpath: the GEMM patch embedding, bf16 weights with fp32 masters, and the
 fast-prepared model against the reference path (impl=reference on both sides, so only
 prepare_fast differs; the fused kernels have their own tests). torch.compile of the blocks is traced
-here with dynamo's "eager" backend; inductor's code generation is left to the device run
-(bench/device_speed.sh): an inductor CPU compile costs minutes here.
+here with the "aot_eager" backend. Inductor compiles them (to C++ on the CPU) in the trainer's engine
+test (tests/test_engine.py); its Triton code for the GPU runs only on a device (bench/device_speed.sh).
 """
 import copy
 
@@ -167,9 +167,11 @@ def test_loss_trajectory_follows_reference():
 
 
 def test_compiled_blocks_trace_whole_and_compute_the_same():
-    """Compiled blocks (dynamo with the "eager" backend: the same tracing as inductor, no code generation,
-    so it runs here in seconds) trace without a graph break, compile once per distinct input shape, and
-    give the uncompiled model's loss and gradients (the same aten ops in the same order: 1e-6 relative).
+    """Compiled blocks (dynamo and AOTAutograd with the "aot_eager" backend: inductor's tracing, joint
+    graph and partition, without its code generation, so it runs here in seconds) trace without a graph
+    break, compile once per distinct input shape, and give the uncompiled model's loss and gradients.
+    Tolerances (fp32): loss 1e-6 relative; gradients 1e-5 in relative L2 norm per tensor (DESIGN's fp32
+    bar; the compiled backward sums in another order, measured ~2e-7).
 
     The sequence is what a training run does with the blocks: two training steps (student rounds of 12 and
     4 tokens + [CLS], decoder lengths 11 and 7 + [AVG], the teacher at 17), then k-NN features at two batch
@@ -180,7 +182,7 @@ def test_compiled_blocks_trace_whole_and_compute_the_same():
     torch.manual_seed(0)
     eager = build_model("tiny")
     compiled = prepare_fast(copy.deepcopy(eager), FastOptions(bf16_weights=False, matmul_patch_embed=False,
-                                                              compile_backend="eager"))
+                                                              compile_backend="aot_eager"))
     torch._dynamo.reset()
     counters.clear()
     B, S = eager.config.batch_size, eager.config.img_size
@@ -200,7 +202,8 @@ def test_compiled_blocks_trace_whole_and_compute_the_same():
         torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
         assert grads_compiled.keys() == grads_eager.keys()
         for name, g in grads_eager.items():
-            torch.testing.assert_close(grads_compiled[name], g, rtol=1e-6, atol=1e-9, msg=name)
+            err = (grads_compiled[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err <= 1e-5, f"{name}: relative gradient error {err:.3g}"
     for n in (7, 3):
         x = torch.randn(n, 3, S, S)
         torch.testing.assert_close(compiled.teacher_features(x), eager.teacher_features(x), rtol=1e-6, atol=1e-7)

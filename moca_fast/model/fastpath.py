@@ -37,7 +37,7 @@ class FastOptions:
     bf16_weights: bool = True
     matmul_patch_embed: bool = True
     compile_blocks: bool = True
-    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces without generating code (tests)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces without generating code (tests)
 
 
 class MatmulPatchEmbed(nn.Module):
