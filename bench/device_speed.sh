@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end speed check on one lent GPU (H100/H200, torch 2.11 / triton 3.6; no pip install
-# there): bench/throughput.py (reference, fast, trainer, trainer_fast of bench/steps.py, ViT-B/16,
+# there): bench/throughput.py (reference, fast, trainer_fast, trainer_fast_recompute of bench/steps.py, ViT-B/16,
 # batch 256, bf16, synthetic data; ~3-4 min with the fast paths' compilation) then bench/profile.py
 # (reference and fast, ~1-2 min).
 # The trainer variants need deepspeed there: run bash bench/device_wheels.sh here first and carry .whl
@@ -24,7 +24,7 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu}")
 EOF
 
-timeout 330 python3 bench/throughput.py --variants reference,fast,trainer,trainer_fast --out "$OUT/throughput.json" "$@" > "$OUT/throughput.log" 2>&1
+timeout 330 python3 bench/throughput.py --variants reference,fast,trainer_fast,trainer_fast_recompute --out "$OUT/throughput.json" "$@" > "$OUT/throughput.log" 2>&1
 throughput_rc=$?
 timeout 180 python3 bench/profile.py --out "$OUT/profile.json" --trace-dir "$OUT" "$@" > "$OUT/profile.log" 2>&1
 profile_rc=$?

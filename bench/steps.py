@@ -11,7 +11,9 @@ grad-norm clip 0.1 -> AdamW -> codebook update (inside the model's forward). Var
 - trainer, trainer_fast: the trainer's own step (moca_fast.train.step.train_step) on the DeepSpeed
   engine that `deepspeed launch/train.py` builds (ZeRO-2, bf16 weights with fp32 masters, fused
   AdamW on CUDA, no autocast) with impl=reference / impl=fast and the trainer's fast-path pieces:
-  what a user's run gets, DeepSpeed's own costs included. They need deepspeed to import.
+  what a user's run gets, DeepSpeed's own costs included. They need deepspeed to import;
+- trainer_fast_recompute: trainer_fast with activation_memory_budget=0.8 (the compiled blocks
+  recompute their LayerNorm and GELU outputs in the backward: less memory, some more work).
 The views arrive as float32 and are cast to bf16 in the step, as the trainer does.
 """
 from __future__ import annotations
@@ -47,7 +49,11 @@ VARIANTS = {
     "trainer": VariantSpec("reference", None, True, "the trainer's DeepSpeed step, impl=reference", trainer=True),
     "trainer_fast": VariantSpec("fast", FastOptions(bf16_weights=False), True,
                                 "the trainer's DeepSpeed step, impl=fast", trainer=True),
+    "trainer_fast_recompute": VariantSpec("fast", FastOptions(bf16_weights=False, activation_memory_budget=0.8),
+                                          True, "trainer_fast, activation_memory_budget=0.8", trainer=True),
 }
+#: variants that differ from another (fast, trainer_fast) only when the blocks are compiled
+COMPILE_ONLY = ("fast_eager", "trainer_fast_recompute")
 
 
 class VariantUnavailable(RuntimeError):
@@ -135,8 +141,9 @@ class TrainerStep:
         dist_info = init_distributed()
         if dist_info.device.type != device.type:
             raise VariantUnavailable(f"the trainer picks {dist_info.device}, the benchmark runs on {device}")
-        compile_blocks = "on" if spec.fast is not None and spec.fast.compile_blocks else "off"
-        cfg = cfg.replace(impl=spec.impl, compile_blocks=compile_blocks, precision="bf16", zero_stage=2)
+        fast = spec.fast or FastOptions(compile_blocks=False)
+        cfg = cfg.replace(impl=spec.impl, compile_blocks="on" if fast.compile_blocks else "off",
+                          activation_memory_budget=fast.activation_memory_budget, precision="bf16", zero_stage=2)
         self.spec, self.device = spec, device
         self.engine, _ = build_engine(MOCA(cfg, world_size=1), cfg, dist_info, "bf16")
         self.attention_backend = self.engine.module.attention_backend

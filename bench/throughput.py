@@ -26,7 +26,7 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_i
                     format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
                     preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
-from steps import VARIANTS, Batches, VariantUnavailable, fused_kernels_missing, make_step  # noqa: E402
+from steps import COMPILE_ONLY, VARIANTS, Batches, VariantUnavailable, fused_kernels_missing, make_step  # noqa: E402
 from moca_fast.config import ConfigError, load_config  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 2 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 3; 1)")
     p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: all; "
-                                                      "without compilation fast_eager is fast and is left out)")
+                                                      f"without compilation {', '.join(COMPILE_ONLY)} are left out)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the blocks in the fast variants (auto: on CUDA only)")
     p.add_argument("--data", default=None, help="image folder: time the real loader (build_train_loader) in the loop")
@@ -67,7 +67,7 @@ def resolve(args: argparse.Namespace):
         overrides["num_workers"] = args.workers
     cfg = load_config(preset, overrides=overrides).validate(1)
     compile_blocks = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    default = [n for n in VARIANTS if compile_blocks or n != "fast_eager"]
+    default = [n for n in VARIANTS if compile_blocks or n not in COMPILE_ONLY]
     names = args.variants.split(",") if args.variants else default
     for n in names:
         if n not in VARIANTS:

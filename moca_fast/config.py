@@ -52,6 +52,7 @@ class Config:
     impl: str = "reference"  # "reference" (pure PyTorch) or "fast" (fused Triton kernels)
     attention: str = "auto"  # "auto", "sdpa", "xformers"
     compile_blocks: str = "auto"  # torch.compile each transformer block: "auto" (with impl=fast on a GPU), "on", "off"
+    activation_memory_budget: float = 1.0  # compiled blocks: < 1 recomputes cheap ops instead of saving them
     # --- optimisation ---
     epochs: int = 200
     batch_size: int = 256  # per GPU (per rank)
@@ -178,6 +179,8 @@ class Config:
             fail(f"attention={self.attention!r} must be 'auto', 'sdpa' or 'xformers'")
         if self.compile_blocks not in ("auto", "on", "off"):
             fail(f"compile_blocks={self.compile_blocks!r} must be 'auto', 'on' or 'off'")
+        if not 0 < self.activation_memory_budget <= 1:
+            fail(f"activation_memory_budget={self.activation_memory_budget} must be in (0, 1]")
         self.validate_data()
         if self.precision not in ("auto", "bf16", "fp32"):
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")

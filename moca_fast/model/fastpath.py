@@ -8,7 +8,11 @@
   under autocast; the generators (K rows) and the codebook stay fp32;
 - torch.compile of each transformer block (regional compilation: the blocks share one code object,
   so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
-  residual + LayerNorm and the dtype casts.
+  residual + LayerNorm and the dtype casts. An activation memory budget below 1 lets the
+  forward/backward partitioner recompute cheap ops in the backward instead of saving their outputs:
+  for a ViT-B block in bf16 at 0.8 it saves 11 instead of 17 values per token and channel (it
+  recomputes the LayerNorm and GELU outputs, not a matmul or the attention; found on the CPU by
+  inspecting the partitioned graph; below 0.7 it recomputes the attention forward).
 The benches' standalone fast step (bench/steps.py) runs the forward under bf16 autocast: the fused
 loss kernels take their product dtype from it (moca_fast.kernels.matmul_dtype), and the reference
 losses' fp32 matmuls become bf16 ones, as in the official code. The trainer applies the same
@@ -16,6 +20,7 @@ preparation minus the bf16 weights, which DeepSpeed's bf16 mode owns (`trainer_f
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -38,6 +43,7 @@ class FastOptions:
     matmul_patch_embed: bool = True
     compile_blocks: bool = True
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces without generating code (tests)
+    activation_memory_budget: float = 1.0  # torch._functorch's, for the compiled blocks; 1.0: torch's default
 
 
 class MatmulPatchEmbed(nn.Module):
@@ -77,9 +83,31 @@ def prepare_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Mod
         raise_recompile_limit(RECOMPILE_LIMIT)
         for module in student + [model.teacher]:
             for block in module.blocks:
-                block.compile(backend=options.compile_backend, dynamic=False)
+                block.compile(backend=compile_backend(options.compile_backend, options.activation_memory_budget),
+                              dynamic=False)
     model.fast_options = options
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def compile_backend(name: str, activation_memory_budget: float):
+    """torch.compile backend `name`, partitioning forward and backward under the activation memory budget.
+
+    One object per (name, budget): dynamo reuses a compiled graph only under the same backend, and every
+    block must share the graphs compiled for the first.
+    """
+    if activation_memory_budget >= 1.0:
+        return name
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compiler = lookup_backend(name)
+
+    def backend(graph_module, example_inputs):
+        with functorch_config.patch(activation_memory_budget=activation_memory_budget):
+            return compiler(graph_module, example_inputs)
+
+    return backend
 
 
 def raise_recompile_limit(limit: int) -> None:
@@ -90,17 +118,19 @@ def raise_recompile_limit(limit: int) -> None:
     setattr(config, name, max(getattr(config, name), limit))
 
 
-def trainer_fast_options(impl: str, compile_blocks: str, device: torch.device) -> FastOptions | None:
-    """The fast-path pieces the trainer applies, or None for none.
+def trainer_fast_options(cfg, device: torch.device) -> FastOptions | None:
+    """The fast-path pieces the trainer applies for a Config, or None for none.
 
     impl="fast": the patch embedding as a GEMM. compile_blocks "on", or "auto" with impl="fast" on a
-    CUDA device: compiled blocks. Never bf16 weights: under DeepSpeed's bf16 mode the engine casts the
-    student and keeps the fp32 masters itself.
+    CUDA device: compiled blocks, under cfg.activation_memory_budget. Never bf16 weights: under
+    DeepSpeed's bf16 mode the engine casts the student and keeps the fp32 masters itself.
     """
-    compile_on = compile_blocks == "on" or (compile_blocks == "auto" and impl == "fast" and device.type == "cuda")
-    if impl != "fast" and not compile_on:
+    fast = cfg.impl == "fast"
+    compile_on = cfg.compile_blocks == "on" or (cfg.compile_blocks == "auto" and fast and device.type == "cuda")
+    if not fast and not compile_on:
         return None
-    return FastOptions(bf16_weights=False, matmul_patch_embed=impl == "fast", compile_blocks=compile_on)
+    return FastOptions(bf16_weights=False, matmul_patch_embed=fast, compile_blocks=compile_on,
+                       activation_memory_budget=cfg.activation_memory_budget)
 
 
 class MixedPrecisionAdamW:

@@ -202,11 +202,12 @@ def build_engine(model: nn.Module, cfg: Config, dist_info: DistInfo, precision: 
     ds_config = generate_deepspeed_config(cfg, dist_info.world_size, precision)
     if user_config:
         ds_config = merge_user_config(ds_config, user_config)
-    options = trainer_fast_options(cfg.impl, cfg.compile_blocks, dist_info.device)
+    options = trainer_fast_options(cfg, dist_info.device)
     if options is not None:
         prepare_fast(model, options)
-        log.info("fast path: patch embedding as a GEMM %s, compiled blocks %s",
-                 "on" if options.matmul_patch_embed else "off", "on" if options.compile_blocks else "off")
+        log.info("fast path: patch embedding as a GEMM %s, compiled blocks %s (activation memory budget %g)",
+                 "on" if options.matmul_patch_embed else "off", "on" if options.compile_blocks else "off",
+                 options.activation_memory_budget)
     model = model.to(dist_info.device)
     groups = parameter_groups(model, model.GENERATOR_PREFIXES)
     # torch AdamW: DeepSpeed's own Adam would JIT-build a C++ op on CPU; fused on CUDA.

@@ -28,7 +28,7 @@ from moca_fast.train.step import LossTotals, train_step
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks")
+              "compile_blocks", "activation_memory_budget")
 
 
 class StopSignal:
