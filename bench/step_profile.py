@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 
 from breakdown import CATEGORIES, breakdown  # noqa: E402
 from common import env_info, format_table, preset_name, run_variants, sync, write_json  # noqa: E402
-from steps import VARIANTS, Batches, VariantUnavailable, make_step  # noqa: E402
+from steps import PRECISION, VARIANTS, Batches, VariantUnavailable, make_step  # noqa: E402
 from throughput import resolve  # noqa: E402
 from moca_fast.config import ConfigError  # noqa: E402
 
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
                                             trace_dir / f"{name}.trace.json.gz" if trace_dir else None),
         device, VariantUnavailable)
     report = {"benchmark": "profile",
-              "settings": {"preset": preset_name(args), "batch_size": cfg.batch_size, "precision": "bf16 autocast",
+              "settings": {"preset": preset_name(args), "batch_size": cfg.batch_size, "precision": PRECISION,
                            "device": str(device), "warmup_steps": warmup, "profiled_steps": steps,
                            "compile_blocks": compile_blocks, "data_backend": batches.backend},
               "env": env_info(device), "time_base": "GPU kernel time" if device.type == "cuda" else "CPU op self time",

@@ -52,6 +52,8 @@ VARIANTS = {
     "trainer_fast_recompute": VariantSpec("fast", FastOptions(bf16_weights=False, activation_memory_budget=0.8),
                                           True, "trainer_fast, activation_memory_budget=0.8", trainer=True),
 }
+#: what every variant computes in
+PRECISION = "bf16 (autocast over fp32 or bf16 weights; the trainer variants: DeepSpeed's bf16 weights)"
 #: variants that differ from another (fast, trainer_fast) only when the blocks are compiled
 COMPILE_ONLY = ("fast_eager", "trainer_fast_recompute")
 

@@ -26,7 +26,8 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_i
                     format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
                     preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
-from steps import COMPILE_ONLY, VARIANTS, Batches, VariantUnavailable, fused_kernels_missing, make_step  # noqa: E402
+from steps import (COMPILE_ONLY, PRECISION, VARIANTS, Batches, VariantUnavailable, fused_kernels_missing,  # noqa: E402
+                   make_step)
 from moca_fast.config import ConfigError, load_config  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     family = gpu_family(device)
     report = {
         "benchmark": "throughput",
-        "settings": {"preset": preset_name(args), "batch_size": B, "precision": "bf16 autocast", "device": str(device),
+        "settings": {"preset": preset_name(args), "batch_size": B, "precision": PRECISION, "device": str(device),
                      "warmup_steps": warmup, "timed_steps": steps, "compile_blocks": compile_blocks,
                      "data_backend": batches.backend, "data": cfg.data},
         "env": env_info(device),
