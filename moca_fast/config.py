@@ -49,7 +49,7 @@ class Config:
     img_weight: float = 0.5
     loc_weight: float = 0.5
     # --- implementation choices ---
-    impl: str = "reference"  # "reference" (pure PyTorch) or "fast" (fused Triton kernels)
+    impl: str = "reference"  # "reference" (pure PyTorch) or "fast" (fused kernels, GEMM patch embedding, compile)
     attention: str = "auto"  # "auto", "sdpa", "xformers"
     compile_blocks: str = "auto"  # torch.compile each transformer block: "auto" (with impl=fast on a GPU), "on", "off"
     activation_memory_budget: float = 1.0  # compiled blocks: < 1 recomputes cheap ops instead of saving them

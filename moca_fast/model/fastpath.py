@@ -10,7 +10,7 @@
   so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
   residual + LayerNorm and the dtype casts. An activation memory budget below 1 lets the
   forward/backward partitioner recompute cheap ops in the backward instead of saving their outputs:
-  for a ViT-B block in bf16 at 0.8 it saves 11 instead of 17 values per token and channel (it
+  for a ViT-B block in bf16 at 0.8 it keeps 11 instead of 17 values per token and channel (it
   recomputes the LayerNorm and GELU outputs, not a matmul or the attention; found on the CPU by
   inspecting the partitioned graph; below 0.7 it recomputes the attention forward).
 The benches' standalone fast step (bench/steps.py) runs the forward under bf16 autocast: the fused
@@ -21,14 +21,11 @@ preparation minus the bf16 weights, which DeepSpeed's bf16 mode owns (`trainer_f
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 #: torch.compile recompilations allowed per code object. Every block of every encoder and decoder
 #: shares Block.forward, compiled once per input shape (and grad mode, dtype): two masking rounds, two
