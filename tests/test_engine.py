@@ -3,6 +3,7 @@ teacher and codebook stay fp32, the optimiser updates the student only, the teac
 codebook update run once per optimiser step under gradient accumulation."""
 import math
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,12 @@ def test_shipped_configs_load_and_validate(path):
     assert generate_deepspeed_config(cfg, 2, "bf16")["train_batch_size"] == cfg.batch_size * cfg.grad_accum * 2
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _engine_facts(rank, port, zero_stage, results):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from moca_fast.model.moca import MOCA
@@ -113,13 +120,8 @@ def _engine_facts(rank, port, zero_stage, results):
 
 @pytest.mark.parametrize("zero_stage", [2, 1])
 def test_bf16_engine_keeps_teacher_and_codebook_fp32_and_updates_once_per_step(zero_stage):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_engine_facts, args=(port, zero_stage, results), nprocs=1, join=True)
+    mp.spawn(_engine_facts, args=(_free_port(), zero_stage, results), nprocs=1, join=True)
     facts = results[zero_stage]
     assert facts["student_bf16"] and facts["codebook_fp32"] and facts["batchnorm_stats_match"]
     assert facts["teacher_fp32_unrounded"], "DeepSpeed's bf16 cast must not touch the teacher"
@@ -170,15 +172,10 @@ def test_trainer_engine_with_impl_fast_takes_the_fast_path_and_matches_reference
     when compile_blocks=on (inductor; auto leaves them off on the CPU), the same checkpoint names, and for
     the same weights, inputs, masks and codebook draw, the bf16 loss and grad norm of impl=reference
     within the bf16 bar (1e-2 relative) through a full engine step."""
-    import socket
-
     from moca_fast.model.fastpath import FastOptions
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_fast_engine_facts, args=(port, results), nprocs=1, join=True)
+    mp.spawn(_fast_engine_facts, args=(_free_port(), results), nprocs=1, join=True)
     assert results["patch_embed_gemm"] and results["same_state_dict_names"]
     assert results["options"] == {"reference/auto": None,
                                   "fast/auto": FastOptions(bf16_weights=False, compile_blocks=False),
