@@ -31,8 +31,7 @@ from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 from breakdown import CATEGORIES, breakdown  # noqa: E402
 from common import env_info, format_table, preset_name, run_variants, sync, write_json  # noqa: E402
 from steps import PRECISION, VARIANTS, Batches, VariantUnavailable, make_step  # noqa: E402
-from throughput import resolve  # noqa: E402
-from moca_fast.config import ConfigError  # noqa: E402
+from throughput import start  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,15 +82,10 @@ def profile_variant(name: str, cfg, device, batches: Batches, warmup: int, steps
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
-        device, cfg, names, compile_blocks = resolve(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
-    steps = args.steps if args.steps is not None else (1 if args.small else 3)
+    run = start(args, default_steps=(1, 3))
+    device, cfg, names, compile_blocks = run.device, run.cfg, run.names, run.compile_blocks
+    warmup, steps, batches = run.warmup, run.steps, run.batches
     trace_dir = Path(args.trace_dir) if args.trace_dir else (Path(args.out).parent if args.out else None)
-    torch.manual_seed(cfg.seed)
-    batches = Batches(cfg, device)
     results = run_variants(
         names, lambda name: profile_variant(name, cfg, device, batches, warmup, steps, compile_blocks,
                                             trace_dir / f"{name}.trace.json.gz" if trace_dir else None),

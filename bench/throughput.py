@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 if "--small" in sys.argv[1:]:  # CPU run: the Triton kernels need the interpreter, set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,7 +29,7 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_i
 from flops import analytic_step_flops, count_flops  # noqa: E402
 from steps import (COMPILE_ONLY, PRECISION, VARIANTS, Batches, VariantUnavailable, fused_kernels_missing,  # noqa: E402
                    make_step)
-from moca_fast.config import ConfigError, load_config  # noqa: E402
+from moca_fast.config import Config, ConfigError, load_config  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
 # --small: the tiny preset on 4x4 patches of 2 image pairs (the interpreted Triton kernels cost
@@ -76,6 +77,32 @@ def resolve(args: argparse.Namespace):
     return device, cfg, names, compile_blocks
 
 
+@dataclass
+class BenchRun:
+    """What both end-to-end benchmarks start from: the resolved arguments and the batch source."""
+
+    device: torch.device
+    cfg: Config
+    names: list[str]
+    compile_blocks: bool
+    warmup: int
+    steps: int
+    batches: Batches
+
+
+def start(args: argparse.Namespace, default_steps: tuple[int, int]) -> BenchRun:
+    """resolve(args) (exits with its one-line error), the warm-up and timed step counts (--warmup /
+    --steps, else 1 / default_steps[0] with --small and 3 / default_steps[1] without), the seed, the batches."""
+    try:
+        device, cfg, names, compile_blocks = resolve(args)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
+    steps = args.steps if args.steps is not None else default_steps[0 if args.small else 1]
+    torch.manual_seed(cfg.seed)
+    return BenchRun(device, cfg, names, compile_blocks, warmup, steps, Batches(cfg, device))
+
+
 def count_step_flops(cfg, device, batches: Batches) -> tuple[int, dict[str, int]]:
     """FLOPs of one full training step of the reference path at this batch size."""
     step = make_step("reference", cfg, device)
@@ -113,14 +140,9 @@ def run_variant(name: str, cfg, device, batches: Batches, warmup: int, steps: in
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
-        device, cfg, names, compile_blocks = resolve(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
-    steps = args.steps if args.steps is not None else (2 if args.small else 10)
-    torch.manual_seed(cfg.seed)
-    batches = Batches(cfg, device)
+    run = start(args, default_steps=(2, 10))
+    device, cfg, names, compile_blocks = run.device, run.cfg, run.names, run.compile_blocks
+    warmup, steps, batches = run.warmup, run.steps, run.batches
     B = cfg.batch_size
     peak = measure_matmul_tflops(device)
     flops, flops_per_op = count_step_flops(cfg, device, batches)
