@@ -3,49 +3,98 @@
 One module per op, each holding its Triton kernels, the torch.library custom op (autograd and fake
 registrations, so torch.compile traces around it) and the plain PyTorch reference of the same function:
 - codebook_assign: teacher soft codebook assignment -> bag-of-words + dist_norm statistic;
-- soft_ce: KL(target || softmax(kappa f P^T)), with dense targets or with teacher codes recomputed in-kernel.
+- soft_ce: KL(target || softmax(kappa f P^T)), with dense targets or with teacher codes recomputed per chunk.
+`selfcheck` compiles and checks every op at a run's shapes before training starts.
 
 Where the kernels run: CUDA tensors; CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1 set
 before triton is first imported, as the tests do). Elsewhere the ops compute their PyTorch reference
-(logged once): same values, [rows, K] intermediates and all.
+(logged once). TRITON_INTERPRET=1 set too late (the kernels already compiled for the GPU) is an error, never
+a silent reference: kernel tests would otherwise compare the reference with itself. Every real launch goes
+through `launch`, which counts it (`LAUNCHES`), so tests can tell that the Triton path ran.
 
 Matmul precision (`matmul_dtype`): a bf16/fp16 input, or autocast to bf16/fp16 on the input's device (what
 the reference's F.linear / matmul would then use), gives tensor-core products in that dtype with fp32
-accumulation; otherwise products are exact fp32 ("ieee", no TF32). Softmax, log-sum-exp and reductions
-are always fp32.
+accumulation and fp32 results (`mm_f32`); otherwise products are exact fp32 (no TF32). Softmax,
+log-sum-exp and reductions are always fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime import Autotuner, Heuristics, JITFunction, KernelInterface
 
 log = logging.getLogger(__name__)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _fallback_logged: set[str] = set()
 INTERPRET_HINT = "set TRITON_INTERPRET=1 before triton is first imported (torchvision imports it)"
+#: Triton launches per kernel name in this process (interpreter and GPU alike).
+LAUNCHES: Counter = Counter()
+_recorder: list | None = None
+
+
+def _kernel_fn(kernel):
+    """The jitted function under autotune / heuristics wrappers."""
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
 
 
 def interpreted(kernel) -> bool:
     """True when `kernel` and Triton's own library (tl.zeros, ...) were both decorated with Triton's interpreter
-    on, i.e. TRITON_INTERPRET=1 was set before triton was first imported (torchvision imports it): the kernel
-    then runs on CPU tensors."""
-    return isinstance(kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
+    on, i.e. TRITON_INTERPRET=1 was set before triton was first imported: the kernel then runs on CPU tensors.
+    Read through public types: a Triton kernel that is not a JITFunction is an interpreted one."""
+    def interp(fn):
+        return isinstance(fn, KernelInterface) and not isinstance(fn, JITFunction)
+
+    return interp(_kernel_fn(kernel)) and interp(tl.zeros)
+
+
+def on_gpu(device: torch.device) -> bool:
+    """GPU launch parameters for this device: CUDA, or meta (the shapes-only launches the AOT compile check of
+    bench/compile.py records)."""
+    return device.type in ("cuda", "meta")
 
 
 def runs_triton(kernel, device: torch.device, op: str) -> bool:
     """Whether `kernel` can run on `device`; logs once per op when the PyTorch reference stands in."""
     if device.type == "cuda" or (device.type == "cpu" and interpreted(kernel)):
         return True
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError(f"moca_fast.kernels.{op}: TRITON_INTERPRET is set but the kernels were compiled for "
+                           f"the GPU: {INTERPRET_HINT}")
     if op not in _fallback_logged:
         _fallback_logged.add(op)
         log.warning("moca_fast.kernels.%s: no Triton on %s (to run the kernels on CPU, %s); using the PyTorch "
                     "reference", op, device.type, INTERPRET_HINT)
     return False
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), counted in LAUNCHES; inside `recording()`, recorded instead of run."""
+    if _recorder is not None:
+        _recorder.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+    LAUNCHES[_kernel_fn(kernel).__name__] += 1
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the launches the ops would make (kernel, grid, args, kwargs) without running them: with meta
+    tensors, the exact launch parameters of any shape, on a machine without a GPU."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -59,48 +108,33 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] @ b [k, n] -> fp32 [m, n]: products in the operands' (common) dtype, fp32 accumulation and result.
+    CUDA: cuBLAS with an fp32 output (16-bit operands) or exact fp32 (TF32 off); CPU: the 16-bit operands
+    widened to fp32 (their products are exact there), the same function."""
+    no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
+        else contextlib.nullcontext()
+    with no_autocast:
+        if a.dtype == torch.float32:
+            if a.device.type != "cuda":
+                return a @ b
+            allowed = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                return a @ b
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = allowed
+        if a.device.type == "cpu":
+            return a.float() @ b.float()
+        return torch.mm(a, b, out_dtype=torch.float32)
+
+
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-@triton.jit
-def round_to(a, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """a rounded to DOT_DTYPE, to nearest even as on the GPU (the interpreter truncates fp32 -> bf16, so there
-    the rounding is done on the bits and the value stays an fp32 holding a bf16 number)."""
-    if INTERPRET:
-        if DOT_DTYPE == tl.bfloat16 and a.dtype == tl.float32:
-            bits = a.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True)
-        else:
-            out = a.to(DOT_DTYPE)
-    else:
-        out = a.to(DOT_DTYPE)
-    return out
-
-
-@triton.jit
-def mma(a, b, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """a [R, E] @ b [E, S] -> [R, S] fp32 accumulation, the operands rounded to DOT_DTYPE first."""
-    a = round_to(a, DOT_DTYPE, INTERPRET)
-    b = round_to(b, DOT_DTYPE, INTERPRET)
-    if INTERPRET:
-        # The interpreter's tl.dot mis-reads 16-bit floats; fp32 products of the rounded values are exact.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if DOT_DTYPE == tl.float32:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
-@triton.jit
-def mma_split(a, b, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """mma with the fp32 operand a kept to ~16 significant bits as a_hi + a_lo (two 16-bit products)."""
-    if DOT_DTYPE == tl.float32:
-        out = mma(a, b, DOT_DTYPE, INTERPRET)
-    else:
-        a_hi = round_to(a, DOT_DTYPE, INTERPRET).to(tl.float32)
-        out = mma(a_hi, b, DOT_DTYPE, INTERPRET) + mma(a - a_hi, b, DOT_DTYPE, INTERPRET)
-    return out
+def chunk_rows(k: int, device: torch.device, cpu_rows: int = 16) -> int:
+    """Rows per chunk of the [rows, k] fp32 intermediates: 2^24 elements (64 MiB) on the GPU, so that the
+    library GEMMs stay large (>= 4096 x 4096 x 512 at K = 4096) while the chunk's few buffers stay a small
+    fraction of the loss's memory; a few rows on the CPU, so that the tests span several chunks."""
+    return max(1, 2**24 // k) if on_gpu(device) else cpu_rows

@@ -5,21 +5,22 @@ Function (the reference is `assign_reference` of moca_fast.model.losses, minus i
   bow [N, K] = L1-normalise(mean of the codes of the interior tokens),
   stat = |mean over all N*L tokens of (max_K cos - mean_K cos)|.
 
-Two kernels, no atomics (deterministic), codes only ever as register tiles:
-1. `_token_stats_kernel`, one program per block of tokens, one pass over K with an online log-sum-exp: writes
-   the per-token state lse = logsumexp_K(inv_temp * cos), the gap max_K cos - mean_K cos and 1/max(|x|, eps)
-   ([N*L] floats each).
-2. `_bow_kernel`, one program per (image, block of words): recomputes cos for the image's interior tokens and
-   sums exp(inv_temp * cos - lse) over them, i.e. the mean interior code of each word, written once.
-The statistic and the L1 normalisation are then [N*L] and [N, K] torch reductions. Splitting the two passes
-over K into two kernels (rather than one program per token block with an atomic bow) costs nothing more in
-FLOPs (the second pass needs only the interior tokens) and gives each pass its natural parallel axis.
+Per chunk of whole images (2^24 cosines on the GPU), no atomics (deterministic):
+1. one library GEMM (cuBLAS, wgmma on Hopper) with an fp32 result: X W^T [T, K] of the chunk's T tokens;
+2. `_token_stats_kernel`, one program per token: scales its row by 1/|x| and writes the per-token state
+   lse = logsumexp_K(inv_temp * cos) and the gap max_K cos - mean_K cos;
+3. `_bow_kernel`, one program per (image, block of words): sums exp(inv_temp * cos - lse) over the image's
+   interior tokens, i.e. the mean interior code of each word, written once.
+The statistic and the L1 normalisation are then [N*L] and [N, K] torch reductions.
+
+Analytic figures at ViT-B/16 batch 256 (both views: 100,352 tokens, K = 4096, C = 768; ceilings of DESIGN.md §4,
+H200), not speeds: the GEMM 0.63 TFLOP = 0.81 ms; the cosines written once and read 1 + 100/196 times in fp32,
+~10 B per element = 4.1 GB = 0.98 ms (when a chunk does not stay in L2); floor ~1.8 ms against eager's 6.8 ms.
+The previous design (two Triton passes, each recomputing the cosines with mma.sync tiles) did 1.1 TFLOP.
+Neither Triton kernel here has a dot. Compile-time figures: bench/compile.py (see soft_ce's docstring).
 
 With 16-bit products (moca_fast.kernels.matmul_dtype) the tokens and words are rounded to that dtype and |x| is
 the norm of the rounded token: the kernels compute the function above of the rounded operands, to fp32 rounding.
-
-`teacher_logits` and `inv_norm` are the building blocks the dense loss (soft_ce) reuses to recompute the
-teacher codes of its rows.
 """
 from __future__ import annotations
 
@@ -27,77 +28,40 @@ import torch
 import triton
 import triton.language as tl
 
-from moca_fast.kernels import matmul_dtype, mma, round_to, runs_triton, tl_dtype
+from moca_fast.kernels import chunk_rows, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
 from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.losses import assign_reference
 
-_EPS = tl.constexpr(NORM_EPS)
-
 
 @triton.jit
-def inv_norm(x_ptr, x_row, row_ok, C, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-             DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """1 / max(|x_r|, NORM_EPS) for the rows at element offsets x_row [BLOCK_R] -> [BLOCK_R] fp32, of x as
-    rounded to DOT_DTYPE (the values the products see, so that cos is exactly normalised)."""
-    sumsq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + x_row[:, None] + c[None, :] * stride_c, mask=row_ok[:, None] & (c < C)[None, :],
-                    other=0.0)
-        x = round_to(x, DOT_DTYPE, INTERPRET).to(tl.float32)
-        sumsq += tl.sum(x * x, axis=1)
-    return 1.0 / tl.maximum(tl.sqrt(sumsq), _EPS)
-
-
-@triton.jit
-def teacher_logits(x_ptr, x_row, row_ok, rnorm, w_ptr, k, k_ok, inv_temp, C, stride_c,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """inv_temp * cos of rows x (offsets x_row [BLOCK_R], 1/norm rnorm) with words k [BLOCK_K] of the
-    contiguous [K, C] codebook w -> [BLOCK_R, BLOCK_K] fp32, -inf at words k >= K."""
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        x = tl.load(x_ptr + x_row[:, None] + c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + k[None, :].to(tl.int64) * C + c[:, None], mask=k_ok[None, :] & c_ok[:, None], other=0.0)
-        acc += mma(x, w, DOT_DTYPE, INTERPRET)
-    return tl.where(k_ok[None, :], acc * (rnorm * inv_temp)[:, None], float("-inf"))
-
-
-@triton.jit
-def _token_stats_kernel(x_ptr, w_ptr, inv_temp_ptr, lse_ptr, gap_ptr, rnorm_ptr, T, L, C, K,
-                        stride_n, stride_l, stride_c, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
-    x_row = (t // L).to(tl.int64) * stride_n + (t % L).to(tl.int64) * stride_l
-    rnorm = inv_norm(x_ptr, x_row, t_ok, C, stride_c, BLOCK_T, BLOCK_C, DOT_DTYPE, INTERPRET)
+def _token_stats_kernel(cos_ptr, rnorm_ptr, inv_temp_ptr, lse_ptr, gap_ptr, K, stride_cos,
+                        BLOCK_K: tl.constexpr):
+    """One token per program: its row x W^T [K] (fp32) and 1/|x| -> lse and gap."""
+    t = tl.program_id(0).to(tl.int64)
+    rnorm = tl.load(rnorm_ptr + t)
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
-    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_T], dtype=tl.float32)
-    cos_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    cos_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    m = float("-inf")
+    s = 0.0
+    cos_max = float("-inf")
+    cos_sum = 0.0
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        cos = teacher_logits(x_ptr, x_row, t_ok, rnorm, w_ptr, k, k_ok, 1.0, C, stride_c,
-                             BLOCK_T, BLOCK_K, BLOCK_C, DOT_DTYPE, INTERPRET)
-        cos_max = tl.maximum(cos_max, tl.max(cos, axis=1))
-        cos_sum += tl.sum(tl.where(k_ok[None, :], cos, 0.0), axis=1)
-        logits = tl.where(k_ok[None, :], cos * inv_temp, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        cos = tl.load(cos_ptr + t * stride_cos + k, mask=k_ok, other=0.0) * rnorm
+        cos_max = tl.maximum(cos_max, tl.max(tl.where(k_ok, cos, float("-inf")), axis=0))
+        cos_sum += tl.sum(cos, axis=0)
+        logits = tl.where(k_ok, cos * inv_temp, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new), axis=0)
         m = m_new
-    tl.store(lse_ptr + t, m + tl.log(s), mask=t_ok)
-    tl.store(gap_ptr + t, cos_max - cos_sum / K, mask=t_ok)
-    tl.store(rnorm_ptr + t, rnorm, mask=t_ok)
+    tl.store(lse_ptr + t, m + tl.log(s))
+    tl.store(gap_ptr + t, cos_max - cos_sum / K)
 
 
 @triton.jit
-def _bow_kernel(x_ptr, w_ptr, inv_temp_ptr, lse_ptr, rnorm_ptr, interior_ptr, bow_ptr, L, C, K, I,
-                stride_n, stride_l, stride_c, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _bow_kernel(cos_ptr, rnorm_ptr, inv_temp_ptr, lse_ptr, interior_ptr, bow_ptr, L, K, I, stride_cos,
+                BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (image n of the chunk, words k): the mean over the interior tokens of their codes of words k."""
     n = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < K
@@ -106,40 +70,42 @@ def _bow_kernel(x_ptr, w_ptr, inv_temp_ptr, lse_ptr, rnorm_ptr, interior_ptr, bo
     for i0 in range(0, I, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
         i_ok = i < I
-        pos = tl.load(interior_ptr + i, mask=i_ok, other=0).to(tl.int64)
-        t = n * L + pos
-        x_row = n.to(tl.int64) * stride_n + pos * stride_l
+        t = n.to(tl.int64) * L + tl.load(interior_ptr + i, mask=i_ok, other=0).to(tl.int64)
         rnorm = tl.load(rnorm_ptr + t, mask=i_ok, other=0.0)
         lse = tl.load(lse_ptr + t, mask=i_ok, other=0.0)
-        logits = teacher_logits(x_ptr, x_row, i_ok, rnorm, w_ptr, k, k_ok, inv_temp, C, stride_c,
-                                BLOCK_I, BLOCK_K, BLOCK_C, DOT_DTYPE, INTERPRET)
-        acc += tl.sum(tl.where(i_ok[:, None] & k_ok[None, :], tl.exp(logits - lse[:, None]), 0.0), axis=0)
+        ok = i_ok[:, None] & k_ok[None, :]
+        cos = tl.load(cos_ptr + t[:, None] * stride_cos + k[None, :], mask=ok, other=0.0)
+        codes = tl.exp(cos * (rnorm * inv_temp)[:, None] - lse[:, None])
+        acc += tl.sum(tl.where(ok, codes, 0.0), axis=0)
     tl.store(bow_ptr + n.to(tl.int64) * K + k, acc / I, mask=k_ok)
 
 
 def _blocks(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return dict(BLOCK_T=64, BLOCK_I=64, BLOCK_K=128, BLOCK_C=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_T=16, BLOCK_I=16, BLOCK_K=32, BLOCK_C=16)  # interpreter: small, so tests span blocks
+    if on_gpu(device):
+        return dict(stats=dict(BLOCK_K=4096, num_warps=8), bow=dict(BLOCK_I=8, BLOCK_K=512, num_warps=4))
+    return dict(stats=dict(BLOCK_K=32), bow=dict(BLOCK_I=16, BLOCK_K=32))  # interpreter: tests span blocks
 
 
 def launch_assign(tokens: torch.Tensor, words: torch.Tensor, inv_temp: torch.Tensor, interior: torch.Tensor,
                   dot_dtype: torch.dtype, lse: torch.Tensor, gap: torch.Tensor, rnorm: torch.Tensor,
                   bow_mean: torch.Tensor) -> None:
-    """Runs both kernels, filling the per-token state lse, gap, rnorm [N*L] and bow_mean [N, K] (the mean
-    interior code, before the L1 normalisation). words: [K, C] contiguous, in dot_dtype."""
+    """Fills the per-token state lse, gap, rnorm [N*L] and bow_mean [N, K] (the mean interior code, before the
+    L1 normalisation), chunk by chunk of whole images. words: [K, C]."""
     N, L, C = tokens.shape
     K, I = words.shape[0], interior.numel()
     b = _blocks(tokens.device)
-    mode = dict(DOT_DTYPE=tl_dtype(dot_dtype), INTERPRET=tokens.device.type == "cpu")
-    warps = {key: b[key] for key in ("num_warps", "num_stages") if key in b}
-    strides = tokens.stride()
-    _token_stats_kernel[(triton.cdiv(N * L, b["BLOCK_T"]),)](
-        tokens, words, inv_temp, lse, gap, rnorm, N * L, L, C, K, *strides,
-        BLOCK_T=b["BLOCK_T"], BLOCK_K=b["BLOCK_K"], BLOCK_C=b["BLOCK_C"], **mode, **warps)
-    _bow_kernel[(N, triton.cdiv(K, b["BLOCK_K"]))](
-        tokens, words, inv_temp, lse, rnorm, interior, bow_mean, L, C, K, I, *strides,
-        BLOCK_I=b["BLOCK_I"], BLOCK_K=b["BLOCK_K"], BLOCK_C=b["BLOCK_C"], **mode, **warps)
+    w_t = words.to(dot_dtype).t()
+    images = max(1, chunk_rows(K, tokens.device) // L)
+    for n0 in range(0, N, images):
+        n1 = min(N, n0 + images)
+        t0, t1 = n0 * L, n1 * L
+        x = tokens[n0:n1].reshape(-1, C).to(dot_dtype)
+        rnorm[t0:t1] = 1.0 / x.float().norm(dim=1).clamp_min(NORM_EPS)
+        cos = mm_f32(x, w_t)
+        launch(_token_stats_kernel, (t1 - t0,), cos, rnorm[t0:t1], inv_temp, lse[t0:t1], gap[t0:t1], K,
+               cos.stride(0), **b["stats"])
+        launch(_bow_kernel, (n1 - n0, triton.cdiv(K, b["bow"]["BLOCK_K"])), cos, rnorm[t0:t1], inv_temp,
+               lse[t0:t1], interior, bow_mean[n0:n1], L, K, I, cos.stride(0), **b["bow"])
 
 
 @torch.library.custom_op("moca_fast::codebook_assign", mutates_args=())
@@ -148,8 +114,7 @@ def _codebook_assign_op(tokens: torch.Tensor, words: torch.Tensor, inv_temp: tor
     N, L, _ = tokens.shape
     state = torch.empty(3, N * L, device=tokens.device, dtype=torch.float32)
     bow_mean = torch.empty(N, words.shape[0], device=tokens.device, dtype=torch.float32)
-    launch_assign(tokens, words.to(dot_dtype).contiguous(), inv_temp.float(), interior.contiguous(), dot_dtype,
-                  *state, bow_mean)
+    launch_assign(tokens, words, inv_temp.float(), interior.contiguous(), dot_dtype, *state, bow_mean)
     bow = bow_mean / bow_mean.sum(dim=1, keepdim=True).clamp_min(NORM_EPS)
     return bow, state[1].mean().abs()
 

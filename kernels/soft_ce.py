@@ -1,26 +1,39 @@
-"""KL(target || softmax(kappa f P^T)), batch-mean, forward and backward, never a [rows, K] tensor in memory.
+"""KL(target || softmax(kappa f P^T)), batch-mean, forward and backward, in row chunks: never a [M, K] tensor.
 
 Functions (F.kl_div(log_softmax(s), t, "batchmean") with 0 log 0 = 0, s = kappa f P^T [M, K]):
 - `soft_target_kl(features [M, D], prototypes [K, D], kappa, target [M, K])`: the image loss (t = bow rows);
 - `masked_soft_target_kl(dec [M, D], prototypes, kappa, teacher_tokens [2B, L, C], dec_ids [2B, n], words [K, C],
   inv_temp)`: the dense loss, M = 2B*n, row b*n+j's target t = softmax_K(a), a = inv_temp * cos(teacher token
-  dec_ids[b, j], words), recomputed in-kernel from the teacher tokens (the teacher codes never exist in memory).
+  dec_ids[b, j], words), recomputed per chunk from the teacher tokens (the teacher codes never exist whole).
 
-Kernels (flash-attention style, one pass over K per row block, online log-sum-exp; no atomics):
-- forward, one program per block of rows: KL_r = sum_k t (log t - s) + (sum_k t) lse_s for dense targets; with
-  teacher codes the identity KL_r = [sum_k t_k (a_k - s_k)] - lse_t + lse_s needs only running maxima and sums of
-  both softmaxes, so the teacher's normaliser lse_t is found in the same pass. Each row's state (its KL, lse_s,
-  lse_t or sum_k t, and the teacher token's 1/|x|) is written for the backward: this per-row state is what
-  makes the teacher codes reusable without storing them (t = exp(a - lse_t) from one recomputed logit).
-- backward: g_s = (grad / M) (sum_k t * softmax(s) - t); d_f = kappa g_s P by a program per block of rows
-  looping over K, d_P = kappa g_s^T f by a program per (block of words, segment of rows) looping over rows,
-  the segments summed in torch. Both recompute s (and the teacher logits a) tile by tile. Why not store the
-  teacher codes of the rows instead: at ViT-B/16, batch 256, they are 110,080 x 4096 (0.9 GB in bf16).
-The feature dimension D sits whole in a tile (padded to a power of two); the teacher's C is looped in chunks.
+Design (in the style of Liger-Kernel's fused linear cross-entropy), per chunk of R rows (R*K = 2^24 on the GPU):
+1. library GEMMs (cuBLAS, wgmma on Hopper, no padding of D = 768 or 512) with fp32 results: S = f P^T [R, K] and,
+   for the dense loss, A = x W^T [R, K] of the gathered teacher tokens x (scaled by inv_temp / |x| in step 2);
+2. one Triton pass per row (`_kl_fwd_kernel`): the log-sum-exps of kappa S and of A, the row's KL, and the
+   logits' gradient G = (sum_k t) softmax(kappa S) - t, written in the product dtype;
+3. library GEMMs for the gradients, in the forward: d_f = (kappa / M) G P, d_P += (kappa / M) G^T f.
+The backward only scales the stored fp32 gradients by the upstream gradient. Each teacher logit is computed
+once (the one-pass flash-style design recomputes A in the forward, the backward and the d_P pass).
 
-Precision (see moca_fast.kernels): with 16-bit products the fp32 g_s enters the backward products as a
-16-bit hi + lo pair, so d_f and d_P keep fp32-level accuracy (rounding g_s to bf16 alone would cost
-~0.5% of their largest entries); grad / M multiplies after the products, keeping fp16 operands out of underflow.
+Why this design, at ViT-B/16 batch 256 (dense loss, both rounds: M = 110,080 rows, K = 4096, D = 512, C = 768),
+against the ceilings of DESIGN.md §4 (H200: 777 TFLOP/s bf16, 4.18 TB/s) -- analytic figures, not speeds:
+- chunked (this file): 2.08 TFLOP (S 0.46, A 0.69, d_f 0.46, d_P 0.46: the dense loss's minimum) = 2.67 ms, plus
+  22 B per [M, K] element through HBM when a chunk does not stay in the 50 MB L2 (S and A written and read in
+  fp32, G written and read twice in bf16): 9.9 GB = 2.37 ms; operands ~1.2 GB = 0.3 ms. Floor ~5.3 ms;
+  its GEMMs are the library's and its one Triton kernel has no dot, so nothing rests on Triton's codegen.
+- one-pass flash style (the previous design): no [M, K] bytes, but S and A recomputed in the backward: >= 3.23
+  TFLOP = 4.16 ms at the ceiling, 4.39 TFLOP = 5.6 ms with d_P as a separate pass over the rows (as it was:
+  without atomics), and only reached if a Triton kernel with two softmaxes in its inner loop ran wgmma near
+  peak; compiled for sm_90a it did not lower to wgmma at all (16-32-row tiles) and its image-loss forward
+  failed to compile (TritonGPUOptimizeThreadLocality), see bench/compile.py.
+So the chunked design has the lower realistic floor; the row chunk (`moca_fast.kernels.chunk_rows`) trades the
+HBM round trip against GEMM size and is the first knob to tune on a GPU.
+
+Compile-time figures (bench/compile.py, sm_90a, triton 3.8, ViT-B/16 batch 256): see COMPILE_FIGURES below.
+
+Precision (see moca_fast.kernels): the products round their operands to the product dtype and accumulate in
+fp32; S and A are fp32; G enters the gradient GEMMs rounded to the product dtype (bf16: 2^-9 relative per
+element, well inside the 1e-2 bar); kappa / M and the upstream gradient multiply fp32 results.
 """
 from __future__ import annotations
 
@@ -31,318 +44,157 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moca_fast.kernels import matmul_dtype, mma, mma_split, round_to, runs_triton, tl_dtype
-from moca_fast.kernels.codebook_assign import inv_norm, teacher_logits
+from moca_fast.kernels import chunk_rows, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
 from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.losses import soft_target_kl_reference
 
-
-@triton.jit
-def _student_logits(f, p_ptr, k, k_ok, d, d_ok, kappa, D, DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """s = kappa f P_k^T: f [BM, BD] -> (s [BM, BK] fp32, -inf at k >= K; P_k^T [BD, BK])."""
-    p = tl.load(p_ptr + k[None, :].to(tl.int64) * D + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-    s = mma(f, p, DOT, INTERPRET) * kappa
-    return tl.where(k_ok[None, :], s, float("-inf")), p
+COMPILE_FIGURES = "filled in below by the measured table"
 
 
 @triton.jit
-def _teacher_rows(ids_ptr, r, r_ok, n_dec, stride_ib, stride_ij, stride_n, stride_l):
-    """Element offsets of the teacher tokens of rows r (row b*n_dec + j is token dec_ids[b, j] of image b)."""
-    b = (r // n_dec).to(tl.int64)
-    pos = tl.load(ids_ptr + b * stride_ib + (r % n_dec) * stride_ij, mask=r_ok, other=0).to(tl.int64)
-    return b * stride_n + pos * stride_l
-
-
-@triton.jit
-def _target_tile(tgt_ptr, stride_tgt, x_ptr, x_row, rnorm, w_ptr, inv_temp, r, r_ok, k, k_ok, C, stride_c,
-                 TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                 X_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Teacher logits a [BM, BK] (-inf at k >= K) when TEACHER, else the target probabilities (0 outside)."""
-    if TEACHER:
-        out = teacher_logits(x_ptr, x_row, r_ok, rnorm, w_ptr, k, k_ok, inv_temp, C, stride_c,
-                             BLOCK_M, BLOCK_K, BLOCK_C, X_DOT, INTERPRET)
-    else:
-        out = tl.load(tgt_ptr + r[:, None].to(tl.int64) * stride_tgt + k[None, :],
-                      mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    return out
-
-
-@triton.jit
-def _grad_logits(s, tgt, lse_s, t_state, r_ok, k_ok, TEACHER: tl.constexpr):
-    """sum_k t * softmax(s) - t [BM, BK], zero outside the valid rows and words: the logits' gradient before
-    its scale grad / M, which is applied after the products (it would push 16-bit operands into underflow)."""
-    p = tl.exp(s - lse_s[:, None])
-    if TEACHER:
-        g = p - tl.exp(tgt - t_state[:, None])
-    else:
-        g = t_state[:, None] * p - tgt
-    return tl.where(r_ok[:, None] & k_ok[None, :], g, 0.0)
-
-
-@triton.jit
-def _row_setup(f_ptr, ids_ptr, x_ptr, state_ptr, r, r_ok, d, d_ok, M, D, C, n_dec, stride_ib, stride_ij,
-               stride_n, stride_l, stride_c, TEACHER: tl.constexpr, LOAD_RNORM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, X_DOT: tl.constexpr,
-               INTERPRET: tl.constexpr):
-    """Features f [BM, BD] of rows r, their teacher token offsets and 1/|x| (computed, or read from state)."""
-    f = tl.load(f_ptr + r[:, None].to(tl.int64) * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    x_row = tl.zeros([BLOCK_M], dtype=tl.int64)
-    rnorm = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if TEACHER:
-        x_row = _teacher_rows(ids_ptr, r, r_ok, n_dec, stride_ib, stride_ij, stride_n, stride_l)
-        if LOAD_RNORM:
-            rnorm = tl.load(state_ptr + 3 * M + r, mask=r_ok, other=0.0)
-        else:
-            rnorm = inv_norm(x_ptr, x_row, r_ok, C, stride_c, BLOCK_M, BLOCK_C, X_DOT, INTERPRET)
-    return f, x_row, rnorm
-
-
-@triton.jit
-def _kl_fwd_kernel(f_ptr, p_ptr, kappa, tgt_ptr, stride_tgt, x_ptr, ids_ptr, w_ptr, inv_temp_ptr, state_ptr,
-                   M, K, D, C, n_dec, stride_ib, stride_ij, stride_n, stride_l, stride_c,
-                   TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_C: tl.constexpr, F_DOT: tl.constexpr, X_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = r < M
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    f, x_row, rnorm = _row_setup(f_ptr, ids_ptr, x_ptr, state_ptr, r, r_ok, d, d_ok, M, D, C, n_dec, stride_ib,
-                                 stride_ij, stride_n, stride_l, stride_c, TEACHER, False, BLOCK_M, BLOCK_C, X_DOT,
-                                 INTERPRET)
-    inv_temp = tl.load(inv_temp_ptr).to(tl.float32) if TEACHER else 1.0
-    m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_k e^(a - m_t) (a - s), or sum_k t (log t - s)
+def _kl_fwd_kernel(s_ptr, a_ptr, a_scale_ptr, tgt_ptr, g_ptr, kl_ptr, K, kappa, stride_s, stride_a, stride_t,
+                   stride_g, TEACHER: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row per program. s: the row's f P^T [K] (fp32); TEACHER: a (x W^T, fp32) with its scale inv_temp / |x|,
+    else the target row t. Writes the row's KL and, if WRITE_GRAD, g = (sum_k t) softmax(kappa s) - t."""
+    row = tl.program_id(0).to(tl.int64)
+    m_s = float("-inf")
+    l_s = 0.0
+    m_t = float("-inf")
+    l_t = 0.0  # sum_k e^(a - m_t), or sum_k t
+    acc = 0.0  # sum_k e^(a - m_t) (a - kappa s), or sum_k t (log t - kappa s)
+    a_scale = tl.load(a_scale_ptr + row) if TEACHER else 1.0
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        s, _ = _student_logits(f, p_ptr, k, k_ok, d, d_ok, kappa, D, F_DOT, INTERPRET)
-        m_new = tl.maximum(m_s, tl.max(s, axis=1))
-        l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        s = tl.load(s_ptr + row * stride_s + k, mask=k_ok, other=float("-inf")) * kappa
+        m_new = tl.maximum(m_s, tl.max(s, axis=0))
+        l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
         m_s = m_new
-        tgt = _target_tile(tgt_ptr, stride_tgt, x_ptr, x_row, rnorm, w_ptr, inv_temp, r, r_ok, k, k_ok, C,
-                           stride_c, TEACHER, BLOCK_M, BLOCK_K, BLOCK_C, X_DOT, INTERPRET)
+        s0 = tl.where(k_ok, s, 0.0)
         if TEACHER:
-            m_new = tl.maximum(m_t, tl.max(tgt, axis=1))
-            e = tl.exp(tgt - m_new[:, None])
+            a = tl.load(a_ptr + row * stride_a + k, mask=k_ok, other=float("-inf")) * a_scale
+            m_new = tl.maximum(m_t, tl.max(a, axis=0))
+            e = tl.exp(a - m_new)
             rescale = tl.exp(m_t - m_new)
-            l_t = l_t * rescale + tl.sum(e, axis=1)
-            diff = tl.where(k_ok[None, :], tgt, 0.0) - tl.where(k_ok[None, :], s, 0.0)
-            acc = acc * rescale + tl.sum(e * diff, axis=1)
+            l_t = l_t * rescale + tl.sum(e, axis=0)
+            acc = acc * rescale + tl.sum(e * (tl.where(k_ok, a, 0.0) - s0), axis=0)
             m_t = m_new
         else:
-            t_log_t = tgt * tl.log(tl.where(tgt > 0, tgt, 1.0))  # 0 log 0 = 0
-            acc += tl.sum(t_log_t - tgt * tl.where(k_ok[None, :], s, 0.0), axis=1)
-            l_t += tl.sum(tgt, axis=1)  # sum_k t
+            t = tl.load(tgt_ptr + row * stride_t + k, mask=k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(t * tl.log(tl.where(t > 0, t, 1.0)) - t * s0, axis=0)  # 0 log 0 = 0
+            l_t += tl.sum(t, axis=0)
     lse_s = m_s + tl.log(l_s)
     if TEACHER:
         lse_t = m_t + tl.log(l_t)
-        tl.store(state_ptr + r, acc / l_t - lse_t + lse_s, mask=r_ok)
-        tl.store(state_ptr + 2 * M + r, lse_t, mask=r_ok)
-        tl.store(state_ptr + 3 * M + r, rnorm, mask=r_ok)
+        tl.store(kl_ptr + row, acc / l_t - lse_t + lse_s)
     else:
-        tl.store(state_ptr + r, acc + l_t * lse_s, mask=r_ok)
-        tl.store(state_ptr + 2 * M + r, l_t, mask=r_ok)
-    tl.store(state_ptr + M + r, lse_s, mask=r_ok)
+        tl.store(kl_ptr + row, acc + l_t * lse_s)
+    if WRITE_GRAD:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            p = tl.exp(tl.load(s_ptr + row * stride_s + k, mask=k_ok, other=0.0) * kappa - lse_s)
+            if TEACHER:
+                a = tl.load(a_ptr + row * stride_a + k, mask=k_ok, other=0.0) * a_scale
+                g = p - tl.exp(a - lse_t)
+            else:
+                g = l_t * p - tl.load(tgt_ptr + row * stride_t + k, mask=k_ok, other=0.0).to(tl.float32)
+            tl.store(g_ptr + row * stride_g + k, g.to(g_ptr.dtype.element_ty), mask=k_ok)
 
 
-@triton.jit
-def _kl_bwd_features_kernel(grad_ptr, f_ptr, p_ptr, kappa, tgt_ptr, stride_tgt, x_ptr, ids_ptr, w_ptr, inv_temp_ptr,
-                            state_ptr, df_ptr, M, K, D, C, n_dec, stride_ib, stride_ij, stride_n, stride_l, stride_c,
-                            TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, F_DOT: tl.constexpr,
-                            X_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = r < M
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    f, x_row, rnorm = _row_setup(f_ptr, ids_ptr, x_ptr, state_ptr, r, r_ok, d, d_ok, M, D, C, n_dec, stride_ib,
-                                 stride_ij, stride_n, stride_l, stride_c, TEACHER, True, BLOCK_M, BLOCK_C, X_DOT,
-                                 INTERPRET)
-    inv_temp = tl.load(inv_temp_ptr).to(tl.float32) if TEACHER else 1.0
-    scale = tl.load(grad_ptr).to(tl.float32) / M
-    lse_s = tl.load(state_ptr + M + r, mask=r_ok, other=0.0)
-    t_state = tl.load(state_ptr + 2 * M + r, mask=r_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        s, p_t = _student_logits(f, p_ptr, k, k_ok, d, d_ok, kappa, D, F_DOT, INTERPRET)
-        tgt = _target_tile(tgt_ptr, stride_tgt, x_ptr, x_row, rnorm, w_ptr, inv_temp, r, r_ok, k, k_ok, C,
-                           stride_c, TEACHER, BLOCK_M, BLOCK_K, BLOCK_C, X_DOT, INTERPRET)
-        g = _grad_logits(s, tgt, lse_s, t_state, r_ok, k_ok, TEACHER)
-        acc += mma_split(g, tl.trans(p_t), F_DOT, INTERPRET)
-    d_f = round_to(acc * (kappa * scale), df_ptr.dtype.element_ty, INTERPRET)
-    tl.store(df_ptr + r[:, None].to(tl.int64) * D + d[None, :], d_f, mask=r_ok[:, None] & d_ok[None, :])
+# The autotune set: warps per row program, keyed by the row length and the variant, so one run (fixed K) tunes
+# once per variant and never again; the chunks' ragged last grid does not change the key.
+_kl_fwd_tuned = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+                                key=["K", "TEACHER", "WRITE_GRAD"])(_kl_fwd_kernel)
 
 
-@triton.jit
-def _kl_bwd_prototypes_kernel(grad_ptr, f_ptr, p_ptr, kappa, tgt_ptr, stride_tgt, x_ptr, ids_ptr, w_ptr,
-                              inv_temp_ptr, state_ptr, dp_ptr, M, K, D, C, n_dec, stride_ib, stride_ij, stride_n,
-                              stride_l, stride_c, TEACHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                              F_DOT: tl.constexpr, X_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < K
-    segment = tl.program_id(1)
-    segments = tl.num_programs(1)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    inv_temp = tl.load(inv_temp_ptr).to(tl.float32) if TEACHER else 1.0
-    scale = tl.load(grad_ptr).to(tl.float32) / M
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for r0 in range(segment * BLOCK_M, M, segments * BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        r_ok = r < M
-        f, x_row, rnorm = _row_setup(f_ptr, ids_ptr, x_ptr, state_ptr, r, r_ok, d, d_ok, M, D, C, n_dec, stride_ib,
-                                     stride_ij, stride_n, stride_l, stride_c, TEACHER, True, BLOCK_M, BLOCK_C, X_DOT,
-                                     INTERPRET)
-        lse_s = tl.load(state_ptr + M + r, mask=r_ok, other=0.0)
-        t_state = tl.load(state_ptr + 2 * M + r, mask=r_ok, other=0.0)
-        s, _ = _student_logits(f, p_ptr, k, k_ok, d, d_ok, kappa, D, F_DOT, INTERPRET)
-        tgt = _target_tile(tgt_ptr, stride_tgt, x_ptr, x_row, rnorm, w_ptr, inv_temp, r, r_ok, k, k_ok, C,
-                           stride_c, TEACHER, BLOCK_M, BLOCK_K, BLOCK_C, X_DOT, INTERPRET)
-        g = _grad_logits(s, tgt, lse_s, t_state, r_ok, k_ok, TEACHER)
-        acc += mma_split(tl.trans(g), f, F_DOT, INTERPRET)
-    out = dp_ptr + segment.to(tl.int64) * K * D + k[:, None].to(tl.int64) * D + d[None, :]
-    tl.store(out, acc * (kappa * scale), mask=k_ok[:, None] & d_ok[None, :])
+def _block_k(k: int, device: torch.device) -> int:
+    """Words per tile: the whole row up to 4096 on the GPU (one pass over the loaded row); 32 on the CPU, so the
+    tests span several tiles."""
+    return min(triton.next_power_of_2(k), 4096) if on_gpu(device) else 32
 
 
-# Rows (BLOCK_M) and words (BLOCK_K) per tile, per kernel, on CUDA by the padded feature width BLOCK_D: sized
-# for sm_90 so the fp32 accumulators ([BLOCK_M | BLOCK_K, BLOCK_D]) and the tiles fit registers and shared
-# memory (checked by compiling for sm_90 ahead of time; untuned on a GPU). The interpreter gets small blocks,
-# so the tests span several of each.
-_CUDA_TILES = {  # kernel: {BLOCK_D <= 512, wider}
-    "fwd": {False: (32, 64), True: (16, 32)},
-    "bwd_features": {False: (32, 32), True: (16, 32)},
-    "bwd_prototypes": {False: (32, 32), True: (16, 16)},
-}
+def _teacher_rows(teacher_tokens, dec_ids, images: slice, x_dot: torch.dtype) -> torch.Tensor:
+    """The teacher tokens of the rows of `images`, [images * n, C] in x_dot: row b*n + j is token dec_ids[b, j]."""
+    ids = dec_ids[images]
+    batch = torch.arange(images.start, images.stop, device=ids.device).unsqueeze(1)
+    return teacher_tokens[batch, ids].flatten(0, 1).to(x_dot)
 
 
-def _tiles(kernel: str, device: torch.device, block_d: int) -> dict:
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_K=32)
-    rows, words = _CUDA_TILES[kernel][block_d > 512]
-    return dict(BLOCK_M=rows, BLOCK_K=words, num_warps=8, num_stages=2)
-
-
-def _dp_segments(device: torch.device, k_blocks: int, row_blocks: int) -> int:
-    """Row segments of the d_P kernel: enough programs to fill the GPU (2 on CPU, to exercise the split)."""
-    if device.type != "cuda":
-        return min(row_blocks, 2)
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(row_blocks, triton.cdiv(programs, k_blocks)))
-
-
-def _kernel_args(features, prototypes, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot):
-    """(pointer args after features and prototypes, shape args, constexprs common to the three kernels)."""
-    M, D = features.shape
-    K = prototypes.shape[0]
+def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot,
+               need_grad):
+    """-> (loss, d_features [M, D] fp32, d_prototypes [K, D] fp32), the gradients of the loss itself (upstream 1;
+    [0]-sized when not need_grad). Chunks of whole images' rows for the dense loss."""
+    f, p = features.to(f_dot).contiguous(), prototypes.to(f_dot).contiguous()
+    (M, D), K = f.shape, p.shape[0]
     teacher = teacher_tokens is not None
-    dummy = features
+    rows = chunk_rows(K, f.device)
     if teacher:
-        C = teacher_tokens.shape[2]
-        shape = (M, K, D, C, dec_ids.shape[1], *dec_ids.stride(), *teacher_tokens.stride())
-        pointers = (dummy, 0, teacher_tokens, dec_ids, words, inv_temp)
-    else:
-        shape = (M, K, D, 1, 1, 0, 0, 0, 0, 0)
-        pointers = (target, target.stride(0), dummy, dummy, dummy, dummy)
-    consts = dict(TEACHER=teacher, BLOCK_D=triton.next_power_of_2(D), BLOCK_C=64 if dummy.is_cuda else 16,
-                  F_DOT=tl_dtype(f_dot), X_DOT=tl_dtype(x_dot), INTERPRET=features.device.type == "cpu")
-    return pointers, shape, consts
+        n = dec_ids.shape[1]
+        rows = max(1, rows // n) * n
+        w_t = words.to(x_dot).t()
+        inv_temp = inv_temp.float()
+    kl = torch.empty(M, device=f.device, dtype=torch.float32)
+    d_f = torch.empty(M if need_grad else 0, D, device=f.device, dtype=torch.float32)
+    d_p = torch.zeros(K if need_grad else 0, D, device=f.device, dtype=torch.float32)
+    kernel = _kl_fwd_tuned if on_gpu(f.device) else _kl_fwd_kernel
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        s = mm_f32(f[r0:r1], p.t())
+        if teacher:
+            x = _teacher_rows(teacher_tokens, dec_ids, slice(r0 // n, r1 // n), x_dot)
+            a = mm_f32(x, w_t)
+            a_scale = inv_temp / x.float().norm(dim=1).clamp_min(NORM_EPS)
+            tgt = s  # unused
+        else:
+            a, a_scale, tgt = s, s, target[r0:r1]  # a, a_scale unused
+        g = torch.empty(s.shape, device=f.device, dtype=f_dot) if need_grad else s  # g unused without need_grad
+        launch(kernel, (r1 - r0,), s, a, a_scale, tgt, g, kl[r0:r1], K, kappa, s.stride(0), a.stride(0),
+               tgt.stride(0), g.stride(0), TEACHER=teacher, WRITE_GRAD=need_grad, BLOCK_K=_block_k(K, f.device))
+        if need_grad:
+            d_f[r0:r1] = mm_f32(g, p)
+            d_p += mm_f32(g.t(), f[r0:r1])
+    scale = kappa / M
+    return kl.sum() / M, d_f.mul_(scale), d_p.mul_(scale)
 
 
-def launch_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot,
-                   state) -> None:
-    """Fills state [3 (dense) | 4 (teacher), M]: per-row KL, lse_s, sum_k t | lse_t, and the teacher's 1/|x|.
-    features [M, D] and prototypes (in f_dot), words (in x_dot) contiguous."""
-    pointers, shape, consts = _kernel_args(features, prototypes, target, teacher_tokens, dec_ids, words, inv_temp,
-                                           f_dot, x_dot)
-    tiles = _tiles("fwd", features.device, consts["BLOCK_D"])
-    grid = (triton.cdiv(features.shape[0], tiles["BLOCK_M"]),)
-    _kl_fwd_kernel[grid](features, prototypes, kappa, *pointers, state, *shape, **consts, **tiles)
-
-
-def dp_segments(features: torch.Tensor, prototypes: torch.Tensor) -> int:
-    """How many row segments the d_P kernel splits the rows into (the first dim of its partial sums)."""
-    (M, D), K = features.shape, prototypes.shape[0]
-    tiles = _tiles("bwd_prototypes", features.device, triton.next_power_of_2(D))
-    return _dp_segments(features.device, triton.cdiv(K, tiles["BLOCK_K"]), triton.cdiv(M, tiles["BLOCK_M"]))
-
-
-def launch_backward(grad, features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot,
-                    x_dot, state, d_features, d_prototype_parts) -> None:
-    """Fills d_features [M, D] and d_prototype_parts [S, K, D] fp32 (to be summed over S row segments)."""
-    pointers, shape, consts = _kernel_args(features, prototypes, target, teacher_tokens, dec_ids, words, inv_temp,
-                                           f_dot, x_dot)
-    M, K = features.shape[0], prototypes.shape[0]
-    tiles = _tiles("bwd_features", features.device, consts["BLOCK_D"])
-    _kl_bwd_features_kernel[(triton.cdiv(M, tiles["BLOCK_M"]),)](
-        grad, features, prototypes, kappa, *pointers, state, d_features, *shape, **consts, **tiles)
-    tiles = _tiles("bwd_prototypes", features.device, consts["BLOCK_D"])
-    _kl_bwd_prototypes_kernel[(triton.cdiv(K, tiles["BLOCK_K"]), d_prototype_parts.shape[0])](
-        grad, features, prototypes, kappa, *pointers, state, d_prototype_parts, *shape, **consts, **tiles)
-
-
-def _prepared(features, prototypes, target, words, f_dot, x_dot):
-    """The kernels' operands: row-major, prototypes and words in their product dtype."""
-    return features.contiguous(), prototypes.to(f_dot).contiguous(), \
-        None if target is None else target.contiguous(), None if words is None else words.to(x_dot).contiguous()
-
-
-@torch.library.custom_op("moca_fast::soft_target_kl_fwd", mutates_args=())
+@torch.library.custom_op("moca_fast::soft_target_kl", mutates_args=())
 def _kl_fwd_op(features: torch.Tensor, prototypes: torch.Tensor, kappa: float, target: Optional[torch.Tensor],
                teacher_tokens: Optional[torch.Tensor], dec_ids: Optional[torch.Tensor], words: Optional[torch.Tensor],
-               inv_temp: Optional[torch.Tensor], f_dot: torch.dtype, x_dot: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    f, p, t, w = _prepared(features, prototypes, target, words, f_dot, x_dot)
-    M = f.shape[0]
-    state = torch.empty(3 if teacher_tokens is None else 4, M, device=f.device, dtype=torch.float32)
-    launch_forward(f, p, kappa, t, teacher_tokens, dec_ids, w, inv_temp, f_dot, x_dot, state)
-    return state[0].sum() / M, state
+               inv_temp: Optional[torch.Tensor], f_dot: torch.dtype, x_dot: torch.dtype, need_grad: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    target = None if target is None else target.contiguous()
+    return kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot,
+                      need_grad)
 
 
 @_kl_fwd_op.register_fake
-def _(features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot):
-    rows = 3 if teacher_tokens is None else 4
+def _(features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot, need_grad=True):
+    (M, D), K = features.shape, prototypes.shape[0]
     return features.new_empty((), dtype=torch.float32), \
-        features.new_empty((rows, features.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("moca_fast::soft_target_kl_bwd", mutates_args=())
-def _kl_bwd_op(grad: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor, kappa: float,
-               target: Optional[torch.Tensor], teacher_tokens: Optional[torch.Tensor], dec_ids: Optional[torch.Tensor],
-               words: Optional[torch.Tensor], inv_temp: Optional[torch.Tensor], f_dot: torch.dtype, x_dot: torch.dtype,
-               state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    f, p, t, w = _prepared(features, prototypes, target, words, f_dot, x_dot)
-    d_features = torch.empty_like(f)
-    parts = torch.empty(dp_segments(f, p), *p.shape, device=f.device, dtype=torch.float32)
-    launch_backward(grad.float(), f, p, kappa, t, teacher_tokens, dec_ids, w, inv_temp, f_dot, x_dot, state,
-                    d_features, parts)
-    return d_features, parts.sum(dim=0).to(prototypes.dtype)
-
-
-@_kl_bwd_op.register_fake
-def _(grad, features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot, state):
-    return torch.empty_like(features), torch.empty_like(prototypes)
+        features.new_empty((M if need_grad else 0, D), dtype=torch.float32), \
+        features.new_empty((K if need_grad else 0, D), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    features, prototypes, kappa, target, teacher_tokens, dec_ids, words, inv_temp, f_dot, x_dot = inputs
-    ctx.save_for_backward(features, prototypes, target, teacher_tokens, dec_ids, words, inv_temp, output[1])
-    ctx.kappa, ctx.f_dot, ctx.x_dot = kappa, f_dot, x_dot
+    features, prototypes = inputs[:2]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = features.dtype, prototypes.dtype
 
 
-def _backward(ctx, grad_loss, grad_state):
-    features, prototypes, target, teacher_tokens, dec_ids, words, inv_temp, state = ctx.saved_tensors
-    d_features, d_prototypes = _kl_bwd_op(grad_loss, features, prototypes, ctx.kappa, target, teacher_tokens,
-                                          dec_ids, words, inv_temp, ctx.f_dot, ctx.x_dot, state)
-    return d_features, d_prototypes, None, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss, grad_d_features, grad_d_prototypes):
+    d_features, d_prototypes = ctx.saved_tensors
+    if d_features.numel() == 0 and d_prototypes.numel() == 0:
+        raise RuntimeError("moca_fast.kernels.soft_ce: backward through a forward run with need_grad=False")
+    return (grad_loss * d_features).to(ctx.dtypes[0]), (grad_loss * d_prototypes).to(ctx.dtypes[1]), \
+        None, None, None, None, None, None, None, None, None
 
 
 _kl_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _need_grad(features: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (features.requires_grad or prototypes.requires_grad)
 
 
 def _check_student(where: str, features: torch.Tensor, prototypes: torch.Tensor, rows: int) -> None:
@@ -364,9 +216,8 @@ def soft_target_kl(features: torch.Tensor, prototypes: torch.Tensor, kappa: floa
                          f"[M, K] = [{features.shape[0]}, {prototypes.shape[0]}]")
     if not runs_triton(_kl_fwd_kernel, features.device, "soft_ce"):
         return soft_target_kl_reference(features, prototypes, kappa, target)
-    f_dot = matmul_dtype(features)
-    return _kl_fwd_op(features, prototypes, float(kappa), target.detach(), None, None, None, None, f_dot,
-                      torch.float32)[0]
+    return _kl_fwd_op(features, prototypes, float(kappa), target.detach(), None, None, None, None,
+                      matmul_dtype(features), torch.float32, _need_grad(features, prototypes))[0]
 
 
 def masked_soft_target_kl(dec: torch.Tensor, prototypes: torch.Tensor, kappa: float, teacher_tokens: torch.Tensor,
@@ -385,7 +236,8 @@ def masked_soft_target_kl(dec: torch.Tensor, prototypes: torch.Tensor, kappa: fl
     if not runs_triton(_kl_fwd_kernel, dec.device, "soft_ce"):
         return masked_soft_target_kl_reference(dec, prototypes, kappa, teacher_tokens, dec_ids, words, inv_temp)
     return _kl_fwd_op(dec, prototypes, float(kappa), None, teacher_tokens.detach(), dec_ids, words.detach(),
-                      inv_temp.detach().float(), matmul_dtype(dec), matmul_dtype(teacher_tokens))[0]
+                      inv_temp.detach().float(), matmul_dtype(dec), matmul_dtype(teacher_tokens),
+                      _need_grad(dec, prototypes))[0]
 
 
 def masked_soft_target_kl_reference(dec: torch.Tensor, prototypes: torch.Tensor, kappa: float,

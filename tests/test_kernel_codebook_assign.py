@@ -118,6 +118,7 @@ def test_compiles_without_graph_break():
 def test_cpu_without_interpreter_falls_back_to_reference(caplog, monkeypatch):
     """A kernel compiled for the GPU (not interpreted) on CPU tensors: the reference runs, logged once."""
     monkeypatch.setattr(ca, "_token_stats_kernel", object())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # not interpreted and not asked for: the logged fallback
     monkeypatch.setattr(moca_fast.kernels, "_fallback_logged", set())
     tokens, words, interior = make_inputs(torch.float32)
     inv_temp = torch.tensor([20.0])
