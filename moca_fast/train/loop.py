@@ -137,6 +137,10 @@ class Trainer:
         self.engine, self.ds_config = build_engine(MOCA(cfg, self.dist.world_size), cfg, self.dist, self.precision,
                                                    user_ds)
         self.model = self.engine.module
+        if cfg.impl == "fast" and self.dist.device.type == "cuda":  # no silent fallback: stop before step 1
+            from moca_fast.kernels.selfcheck import check_fused_ops
+
+            check_fused_ops(cfg, self.dist.device, self.dtype)
         _seed_everything(cfg.seed + self.dist.rank)
         self.loader = build_train_loader(cfg, self.dist.rank, self.dist.world_size, self.dist.device)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum
