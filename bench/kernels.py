@@ -13,6 +13,10 @@ Variants: eager (reference), compiled (torch.compile of the reference), fused (t
 Modes: fwd (the forward as in training, autograd recording) and fwd+bwd (then the input gradients).
 First a correctness check (fused vs eager on the same inputs; fp32 at a small batch, then the benchmark's own
 dtype at full size), then the timings: median over repetitions (CUDA events), peak memory above the inputs.
+Beside each timing, its floor: the FLOPs and HBM bytes the case must move at least (its GEMMs, counted once;
+reading its inputs and writing its outputs once) and the time those take at the measured ceilings of DESIGN.md §4
+(the device's own row: H200 777 TFLOP/s bf16 and 4.18 TB/s; H100 766 and 2.97; on another device the H200's,
+so labelled), max(FLOPs / peak, bytes / bandwidth), and the fraction of that floor each variant reaches.
 A table is printed last; --out writes everything as JSON.
 """
 from __future__ import annotations
@@ -43,6 +47,8 @@ from moca_fast.model.losses import dense_loss, image_loss, teacher_targets  # no
 from moca_fast.model.masks import make_two_complementary_masks  # noqa: E402
 
 MIB = 1024**2
+# DESIGN.md §4, measured: bf16 matmul TFLOP/s (8192^3) and device copy TB/s
+CEILINGS = {"H200": (777.0, 4.18), "H100": (766.0, 2.97)}
 VARIANTS = ("eager", "compiled", "fused")
 CASES = ("assign+dense", "dense_loss", "teacher_assign", "image_loss")  # the target first (time-boxed runs)
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, decoder_embed_dim=16, num_words=64, skip_offset=1)
@@ -121,6 +127,47 @@ def case_function(case: str, impl: str, x: Inputs):
         return dense(targets), targets.bow, *stats
 
     return run
+
+
+def floors(x: Inputs, student_bytes: int) -> dict:
+    """{case: {mode: (FLOPs, HBM bytes)}}: the least work of each case (see the module docstring)."""
+    f32 = 4
+    (B2, C), K = x.avg[0].shape, x.words.shape[0]
+    D = x.dec[0].shape[1]
+    tokens = sum(t.numel() for t in x.tokens)  # both views' teacher tokens, elements
+    rows = [d.shape[0] for d in x.dec]
+    assign = (2.0 * tokens * K, tokens * f32 + K * C * f32 + B2 * K * f32)
+    img_gemm = 2.0 * B2 * K * C * len(x.avg)
+    img_in = len(x.avg) * (B2 * C * student_bytes + B2 * K * f32) + K * C * f32
+    img_grads = len(x.avg) * B2 * C * student_bytes + K * C * f32
+    dense_gemm = sum(2.0 * m * K * D for m in rows)
+    dense_in = sum(m * D * student_bytes for m in rows) + tokens * f32 + K * (C + D) * f32
+    dense_grads = sum(m * D * student_bytes for m in rows) + K * D * f32
+    teacher = sum(2.0 * m * K * C for m in rows)  # the dense targets' cosines, once
+    out = {"teacher_assign": {"fwd": assign},
+           "image_loss": {"fwd": (img_gemm, img_in), "fwd+bwd": (3 * img_gemm, img_in + img_grads)},
+           "dense_loss": {"fwd": (dense_gemm + teacher, dense_in),
+                          "fwd+bwd": (3 * dense_gemm + teacher, dense_in + dense_grads)}}
+    out["assign+dense"] = {mode: (out["dense_loss"][mode][0] + assign[0], out["dense_loss"][mode][1] + assign[1])
+                           for mode in ("fwd", "fwd+bwd")}
+    return out
+
+
+def ceilings(env: dict) -> tuple[str, float, float]:
+    """(label, TFLOP/s, TB/s) of DESIGN.md §4 for this device."""
+    gpu = env.get("gpu") or ""
+    family = next((name for name in CEILINGS if name in gpu), None)
+    label = f"{family} (DESIGN.md §4)" if family else f"H200 figures of DESIGN.md §4 (not this device: {gpu or 'cpu'})"
+    return (label, *CEILINGS[family or "H200"])
+
+
+def floor_row(row: dict, flops: float, nbytes: float, tflops: float, tbps: float) -> None:
+    """Adds the floor (GFLOP, MB, ms at the ceilings) and each variant's fraction of it to a timing row."""
+    floor_ms = max(flops / (tflops * 1e12), nbytes / (tbps * 1e12)) * 1e3
+    row["floor"] = {"gflop": flops / 1e9, "hbm_mb": nbytes / 1e6, "ms": floor_ms}
+    for variant in VARIANTS:
+        if "ms" in row[variant]:
+            row[variant]["floor_fraction"] = floor_ms / row[variant]["ms"]
 
 
 def compile_unavailable(device: torch.device, mode: str) -> str | None:
@@ -234,6 +281,9 @@ def main(argv=None) -> dict:
     report["compile_skipped"] = skip_compile
 
     report["rows"] = []
+    label, tflops, tbps = ceilings(report["env"])
+    report["ceilings"] = {"source": label, "tflops_bf16": tflops, "tb_per_s": tbps}
+    work = floors(x, 2 if dtype == "bf16" else 4)
     for case in cases:
         # one function per variant and case: the compiled one is compiled once, its backward at the first fwd+bwd
         with autocast():
@@ -254,6 +304,7 @@ def main(argv=None) -> dict:
                     traceback.print_exc()
                     row[variant] = {"status": f"failed: {first_line(e)}"}
                 free_memory(device)
+            floor_row(row, *work[case][mode], tflops, tbps)
             report["rows"].append(row)
             print(f"[{time.perf_counter() - start:.0f} s] {case} {mode}: " + ", ".join(
                 f"{v} {r['ms']:.3f} ms" if "ms" in r else f"{v} {r['status'].split(':')[0]}" for v, r in
@@ -270,7 +321,9 @@ def print_table(report: dict) -> None:
     table = []
     for row in report["rows"]:
         fused = ms(row, "fused")
-        entry = {"case": row["case"], "mode": row["mode"]}
+        entry = {"case": row["case"], "mode": row["mode"], "gflop": row["floor"]["gflop"],
+                 "hbm_mb": row["floor"]["hbm_mb"], "floor_ms": row["floor"]["ms"],
+                 "fused_floor": row["fused"].get("floor_fraction")}
         for variant in VARIANTS:
             entry[variant] = ms(row, variant)
             entry[variant + "_mib"] = row[variant].get("peak_extra_mib")
@@ -286,13 +339,18 @@ def print_table(report: dict) -> None:
     print(f"{report['env'].get('gpu', report['env']['device'])}, {report['dtype']}, sizes {report['sizes']}")
     print(f"fused vs fp32 eager, max rel err (check_fp32: exact fp32 at batch <= 16; check: the bf16 run vs fp32 "
           f"math on bf16-rounded operands): {checks}")
+    print(f"floors: least FLOPs and HBM bytes of each case at {report['ceilings']['source']}: "
+          f"{report['ceilings']['tflops_bf16']:g} TFLOP/s, {report['ceilings']['tb_per_s']:g} TB/s; "
+          "fused/floor = floor ms / fused ms")
     if report["env"]["device"] == "cpu":
         print("CPU: the fused ops run in the Triton interpreter; these times test the harness, not the kernels")
     print(format_table(table, [("case", "case", ""), ("mode", "mode", ""), ("eager ms", "eager", ".3f"),
                                ("compiled ms", "compiled", ".3f"), ("fused ms", "fused", ".3f"),
                                ("eager/fused", "eager/fused", ".2f"), ("compiled/fused", "compiled/fused", ".2f"),
                                ("eager MiB", "eager_mib", ".0f"), ("compiled MiB", "compiled_mib", ".0f"),
-                               ("fused MiB", "fused_mib", ".0f")]))
+                               ("fused MiB", "fused_mib", ".0f"), ("GFLOP", "gflop", ".1f"),
+                               ("HBM MB", "hbm_mb", ".1f"), ("floor ms", "floor_ms", ".3f"),
+                               ("fused/floor", "fused_floor", ".2f")]))
 
 
 if __name__ == "__main__":
