@@ -11,7 +11,8 @@ Design (in the style of Liger-Kernel's fused linear cross-entropy), per chunk of
    for the dense loss, A = x W^T [R, K] of the gathered teacher tokens x (scaled by inv_temp / |x| in step 2);
 2. one Triton pass per row (`_kl_fwd_kernel`): the log-sum-exps of kappa S and of A, the row's KL, and the
    logits' gradient G = (sum_k t) softmax(kappa S) - t, written in the product dtype;
-3. library GEMMs for the gradients, in the forward: d_f = (kappa / M) G P, d_P += (kappa / M) G^T f.
+3. library GEMMs for the gradients, in the forward: d_f = (kappa / M) G P, d_P += (kappa / M) G^T f (with bf16
+   operands in fp16, see `_gradient_operand`).
 The backward only scales the stored fp32 gradients by the upstream gradient. Each teacher logit is computed
 once (the one-pass flash-style design recomputes A in the forward, the backward and the d_P pass).
 
@@ -29,11 +30,19 @@ against the ceilings of DESIGN.md §4 (H200: 777 TFLOP/s bf16, 4.18 TB/s) -- ana
 So the chunked design has the lower realistic floor; the row chunk (`moca_fast.kernels.chunk_rows`) trades the
 HBM round trip against GEMM size and is the first knob to tune on a GPU.
 
-Compile-time figures (bench/compile.py, sm_90a, triton 3.8, ViT-B/16 batch 256): see COMPILE_FIGURES below.
+Compile-time figures (bench/compile.py: sm_90a, triton 3.8, ViT-B/16 batch 256, image and dense loss, bf16 and
+fp32; not speeds): `_kl_fwd_kernel` compiles in every variant and autotune config; 92-96 / 54-62 / 39-40
+registers at 4 / 8 / 16 warps, no spills, 16-64 bytes of shared memory, no dot (its GEMMs are cuBLAS's). The
+previous one-pass kernels: image-loss forward did not compile (TritonGPUOptimizeThreadLocality assertion), the
+other five compiled to mma.sync (no wgmma: 16-32-row tiles) with 168-253 registers (bf16), 67-117 KB of shared
+memory, and the fp32 dense forward spilled 23 KB.
 
 Precision (see moca_fast.kernels): the products round their operands to the product dtype and accumulate in
-fp32; S and A are fp32; G enters the gradient GEMMs rounded to the product dtype (bf16: 2^-9 relative per
-element, well inside the 1e-2 bar); kappa / M and the upstream gradient multiply fp32 results.
+fp32; S and A are fp32; G enters the gradient GEMMs rounded to 16 bits. In bf16 runs G and the GEMMs' other
+operands (exactly rescaled by a power of two) are fp16: G rounded to bf16 moved d_f and d_P by up to 8e-3 of
+their largest entry in the tests (too near the 1e-2 bar); fp16 G costs nothing more (same tensor-core rate, a
+[M, D] / [K, D] rescale) and leaves mainly the gradients' own rounding to bf16. kappa / M and the upstream
+gradient multiply fp32 results.
 """
 from __future__ import annotations
 
@@ -47,8 +56,6 @@ import triton.language as tl
 from moca_fast.kernels import chunk_rows, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
 from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.losses import soft_target_kl_reference
-
-COMPILE_FIGURES = "filled in below by the measured table"
 
 
 @triton.jit
@@ -93,9 +100,9 @@ def _kl_fwd_kernel(s_ptr, a_ptr, a_scale_ptr, tgt_ptr, g_ptr, kl_ptr, K, kappa, 
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            p = tl.exp(tl.load(s_ptr + row * stride_s + k, mask=k_ok, other=0.0) * kappa - lse_s)
+            p = tl.exp(tl.load(s_ptr + row * stride_s + k, mask=k_ok, other=float("-inf")) * kappa - lse_s)
             if TEACHER:
-                a = tl.load(a_ptr + row * stride_a + k, mask=k_ok, other=0.0) * a_scale
+                a = tl.load(a_ptr + row * stride_a + k, mask=k_ok, other=float("-inf")) * a_scale
                 g = p - tl.exp(a - lse_t)
             else:
                 g = l_t * p - tl.load(tgt_ptr + row * stride_t + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -138,6 +145,8 @@ def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, wor
     d_f = torch.empty(M if need_grad else 0, D, device=f.device, dtype=torch.float32)
     d_p = torch.zeros(K if need_grad else 0, D, device=f.device, dtype=torch.float32)
     kernel = _kl_fwd_tuned if on_gpu(f.device) else _kl_fwd_kernel
+    if need_grad:
+        (f_g, f_scale), (p_g, p_scale) = _gradient_operand(f), _gradient_operand(p)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
         s = mm_f32(f[r0:r1], p.t())
@@ -148,14 +157,27 @@ def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, wor
             tgt = s  # unused
         else:
             a, a_scale, tgt = s, s, target[r0:r1]  # a, a_scale unused
-        g = torch.empty(s.shape, device=f.device, dtype=f_dot) if need_grad else s  # g unused without need_grad
+        g = torch.empty(s.shape, device=f.device, dtype=p_g.dtype) if need_grad else s  # unused without need_grad
         launch(kernel, (r1 - r0,), s, a, a_scale, tgt, g, kl[r0:r1], K, kappa, s.stride(0), a.stride(0),
                tgt.stride(0), g.stride(0), TEACHER=teacher, WRITE_GRAD=need_grad, BLOCK_K=_block_k(K, f.device))
         if need_grad:
-            d_f[r0:r1] = mm_f32(g, p)
-            d_p += mm_f32(g.t(), f[r0:r1])
-    scale = kappa / M
-    return kl.sum() / M, d_f.mul_(scale), d_p.mul_(scale)
+            d_f[r0:r1] = mm_f32(g, p_g)
+            d_p += mm_f32(g.t(), _gradient_operand(f[r0:r1], f_scale)[0])
+    if need_grad:
+        d_f.mul_(p_scale * (kappa / M))
+        d_p.mul_(f_scale * (kappa / M))
+    return kl.sum() / M, d_f, d_p
+
+
+def _gradient_operand(t: torch.Tensor, scale: Optional[torch.Tensor] = None):
+    """(t / scale in the gradient GEMMs' dtype, scale): bf16 operands go to fp16, exactly (8 significant bits fit
+    in 11) once divided by a power of two that brings max |t| into fp16's range (computed on the device, no
+    sync), so that the logits' gradient G can be fp16 too: 2^-11 relative rounding instead of bf16's 2^-8."""
+    if t.dtype != torch.bfloat16:
+        return t, torch.ones((), device=t.device)
+    if scale is None:
+        scale = torch.exp2(torch.ceil(torch.log2(t.abs().amax().float() / 2.0**14)).clamp_min(0.0))
+    return (t / scale.to(t.dtype)).to(torch.float16), scale
 
 
 @torch.library.custom_op("moca_fast::soft_target_kl", mutates_args=())

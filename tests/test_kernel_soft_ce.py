@@ -5,9 +5,9 @@ Tolerances, as max |fast - ref| <= tol * max |ref| over each output (loss, d_fea
 - fp32: 1e-5. Measured worst 4e-6, at inv_temp 100 or logits ~130, where the fp32 rounding of the logits
   themselves (|logit| * 2^-24, in both implementations) shows in the probabilities.
 - bf16 (and fp16) inputs: 1e-2, against the reference evaluated in fp32 on the same 16-bit inputs (words
-  rounded to bf16, as 16-bit products do). Measured worst 3e-3: the gradients' rounding to bf16 (half an ulp,
-  2^-8 relative); before it the kernels agree to ~4e-6 (the fp32 gradient of the logits enters the backward
-  products as a 16-bit hi + lo pair).
+  rounded to bf16, as 16-bit products do). Expected worst ~4e-3: the logits' gradient enters the gradient GEMMs
+  rounded to bf16 (2^-9 relative per element; emulated at K = 4096, D = 512: <= 2.1e-3 of the largest entry),
+  plus the gradients' own rounding to bf16.
 """
 import os
 
