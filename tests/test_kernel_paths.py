@@ -45,3 +45,15 @@ def test_gpu_compiled_kernel_under_interpret_is_an_error():
     with pytest.raises(RuntimeError, match=r"^moca_fast\.kernels\.soft_ce: TRITON_INTERPRET is set but the kernels "
                                            r"were compiled for the GPU: "):
         runs_triton(object(), torch.device("cpu"), "soft_ce")
+
+
+def test_without_grad_the_gradients_are_not_computed():
+    """Under no_grad (evaluation) the loss runs the same row pass without writing the logits' gradient."""
+    f, p = torch.randn(3, C), torch.randn(K, C)
+    target = torch.softmax(torch.randn(3, K), 1)
+    with torch.no_grad():
+        loss = soft_ce.soft_target_kl(f, p, 3.0, target)
+        _, d_f, d_p = soft_ce._kl_fwd_op(f, p, 3.0, target, None, None, None, None, torch.float32, torch.float32,
+                                         False)
+    assert d_f.numel() == 0 and d_p.numel() == 0
+    assert abs(loss.item() - soft_ce.soft_target_kl_reference(f, p, 3.0, target).item()) <= 1e-5 * loss.abs().item()
