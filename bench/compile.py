@@ -26,16 +26,20 @@ import sys
 import tempfile
 import time
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime import Autotuner
-from triton.runtime.jit import create_function_from_signature
+if __name__ == "__main__":  # bench/profile.py would shadow the stdlib's `profile` (cProfile, torch._dynamo)
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
-from moca_fast.config import load_config
-from moca_fast.kernels import codebook_assign, recording, soft_ce
-from moca_fast.model.codebook import interior_token_ids
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import Autotuner  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from moca_fast.config import load_config  # noqa: E402
+from moca_fast.kernels import codebook_assign, recording, soft_ce  # noqa: E402
+from moca_fast.model.codebook import interior_token_ids  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_LIMIT = 227 * 1024
