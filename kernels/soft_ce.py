@@ -10,7 +10,7 @@ Design (in the style of Liger-Kernel's fused linear cross-entropy), per chunk of
 1. library GEMMs (cuBLAS, wgmma on Hopper, no padding of D = 768 or 512) with fp32 results: S = f P^T [R, K] and,
    for the dense loss, A = x W^T [R, K] of the gathered teacher tokens x (scaled by inv_temp / |x| in step 2);
 2. one Triton pass per row (`_kl_fwd_kernel`): the log-sum-exps of kappa S and of A, the row's KL, and the
-   logits' gradient G = (sum_k t) softmax(kappa S) - t, written in the product dtype;
+   logits' gradient G = (sum_k t) softmax(kappa S) - t, written in 16 bits (fp16 in bf16 runs) or fp32;
 3. library GEMMs for the gradients, in the forward: d_f = (kappa / M) G P, d_P += (kappa / M) G^T f (with bf16
    operands in fp16, see `_gradient_operand`).
 The backward only scales the stored fp32 gradients by the upstream gradient. Each teacher logit is computed
@@ -20,14 +20,16 @@ Why this design, at ViT-B/16 batch 256 (dense loss, both rounds: M = 110,080 row
 against the ceilings of DESIGN.md §4 (H200: 777 TFLOP/s bf16, 4.18 TB/s) -- analytic figures, not speeds:
 - chunked (this file): 2.08 TFLOP (S 0.46, A 0.69, d_f 0.46, d_P 0.46: the dense loss's minimum) = 2.67 ms, plus
   22 B per [M, K] element through HBM when a chunk does not stay in the 50 MB L2 (S and A written and read in
-  fp32, G written and read twice in bf16): 9.9 GB = 2.37 ms; operands ~1.2 GB = 0.3 ms. Floor ~5.3 ms;
+  fp32, G written and read twice in 16 bits): 9.9 GB = 2.37 ms; operands ~1.2 GB = 0.3 ms. Floor ~5.3 ms
+  (above the issue's 4.9 ms target unless L2 keeps part of each chunk; nothing here has been timed);
   its GEMMs are the library's and its one Triton kernel has no dot, so nothing rests on Triton's codegen.
 - one-pass flash style (the previous design): no [M, K] bytes, but S and A recomputed in the backward: >= 3.23
   TFLOP = 4.16 ms at the ceiling, 4.39 TFLOP = 5.6 ms with d_P as a separate pass over the rows (as it was:
   without atomics), and only reached if a Triton kernel with two softmaxes in its inner loop ran wgmma near
   peak; compiled for sm_90a it did not lower to wgmma at all (16-32-row tiles) and its image-loss forward
   failed to compile (TritonGPUOptimizeThreadLocality), see bench/compile.py.
-So the chunked design has the lower realistic floor; the row chunk (`moca_fast.kernels.chunk_rows`) trades the
+The one-pass floor is lower only at a wgmma peak its Triton kernels are far from (compile figures below); the
+chunked floor rests on cuBLAS GEMMs and one bandwidth-bound pass, so it is the one kept. The row chunk (`moca_fast.kernels.chunk_rows`) trades the
 HBM round trip against GEMM size and is the first knob to tune on a GPU.
 
 Compile-time figures (bench/compile.py: sm_90a, triton 3.8, ViT-B/16 batch 256, image and dense loss, bf16 and
