@@ -25,7 +25,6 @@ import os
 from collections import Counter
 
 import torch
-import triton
 import triton.language as tl
 from triton.runtime import Autotuner, Heuristics, JITFunction, KernelInterface
 

@@ -3,9 +3,10 @@
 `check_fused_ops(cfg, device, dtype)` runs each fused op (teacher assignment, image loss, the dense loss of each
 masking round) forward and backward twice: once at the run's own shapes (batch_size images per view), which
 compiles and autotunes every kernel specialisation the run will launch (they depend on K, C, D, the dtypes and
-the strides, not on the batch), and once at 2 images per view (at most batch_size) against its PyTorch reference on the same random
-inputs (the reference in fp32 on the operands rounded to the product dtype), forward and every gradient, at the
-project's tolerances (fp32 1e-5, bf16/fp16 1e-2 relative to each output's largest entry).
+the strides, not on the batch), and once at 2 images per view (at most batch_size) against its PyTorch
+reference on the same random inputs (the reference in fp32 on the operands rounded to the product dtype),
+forward and every gradient, at the project's tolerances (fp32 1e-5, bf16/fp16 1e-2 relative to each output's
+largest entry).
 
 A failure raises SelfCheckError (a ConfigError: the launcher prints its one line and exits 2), naming the op,
 the output and the reason: the run stops; it never falls back to the reference silently. The trainer calls it

@@ -29,8 +29,8 @@ against the ceilings of DESIGN.md §4 (H200: 777 TFLOP/s bf16, 4.18 TB/s) -- ana
   peak; compiled for sm_90a it did not lower to wgmma at all (16-32-row tiles) and its image-loss forward
   failed to compile (TritonGPUOptimizeThreadLocality), see bench/compile.py.
 The one-pass floor is lower only at a wgmma peak its Triton kernels are far from (compile figures below); the
-chunked floor rests on cuBLAS GEMMs and one bandwidth-bound pass, so it is the one kept. The row chunk (`moca_fast.kernels.chunk_rows`) trades the
-HBM round trip against GEMM size and is the first knob to tune on a GPU.
+chunked floor rests on cuBLAS GEMMs and one bandwidth-bound pass, so it is the one kept. The row chunk
+(`moca_fast.kernels.chunk_rows`) trades the HBM round trip against GEMM size: the first knob to tune on a GPU.
 
 Compile-time figures (bench/compile.py: sm_90a, triton 3.8, ViT-B/16 batch 256, image and dense loss, bf16 and
 fp32; not speeds): `_kl_fwd_kernel` compiles in every variant and autotune config; 92-96 / 54-62 / 39-40
