@@ -157,7 +157,8 @@ def ceilings(env: dict) -> tuple[str, float, float]:
     """(label, TFLOP/s, TB/s) of DESIGN.md §4 for this device."""
     gpu = env.get("gpu") or ""
     family = next((name for name in CEILINGS if name in gpu), None)
-    label = f"{family} (DESIGN.md §4)" if family else f"H200 figures of DESIGN.md §4 (not this device: {gpu or 'cpu'})"
+    label = f"{family} (DESIGN.md §4)" if family else \
+        f"H200 figures of DESIGN.md §4 (not this device: {gpu or 'cpu'})"
     return (label, *CEILINGS[family or "H200"])
 
 
