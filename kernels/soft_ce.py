@@ -33,7 +33,7 @@ chunked floor rests on cuBLAS GEMMs and one bandwidth-bound pass, so it is the o
 (`moca_fast.kernels.chunk_rows`) trades the HBM round trip against GEMM size: the first knob to tune on a GPU.
 
 Compile-time figures (bench/compile.py: sm_90a, triton 3.8, ViT-B/16 batch 256, image and dense loss, bf16 and
-fp32; not speeds): `_kl_fwd_kernel` compiles in every variant and autotune config; 92-96 / 54-62 / 39-40
+fp32; not speeds): `_kl_fwd_kernel` compiles in every variant and autotune config; 92-96 / 54-61 / 38-40
 registers at 4 / 8 / 16 warps, no spills, 16-64 bytes of shared memory, no dot (its GEMMs are cuBLAS's). The
 previous one-pass kernels: image-loss forward did not compile (TritonGPUOptimizeThreadLocality assertion), the
 other five compiled to mma.sync (no wgmma: 16-32-row tiles) with 168-253 registers (bf16), 67-117 KB of shared
