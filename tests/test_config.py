@@ -102,3 +102,17 @@ def test_paths_checked_in_one_line(tmp_path):
             load_config("tiny", overrides={"output": str(tmp_path / "run"), **overrides}).validate().check_paths()
         assert message in str(e.value) and "\n" not in str(e.value)
     load_config("tiny", overrides=dict(output=str(tmp_path / "new" / "run"), data=str(tmp_path))).validate().check_paths()
+
+
+def test_the_trainer_refuses_an_output_that_is_a_file_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    proc = subprocess.run([sys.executable, "launch/train.py", "--preset", "tiny", "--data-backend", "synthetic",
+                           "--output", str(a_file)], cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: output={a_file} is an existing file, not a folder"
