@@ -136,3 +136,12 @@ def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
         ta, tb = _load(ca / f"trainer_rank{rank:05d}.pt"), _load(cb / f"trainer_rank{rank:05d}.pt")
         compared += _assert_identical(ta, tb, f"trainer rank {rank}")
     assert compared > 50
+
+
+def test_node_local_checkpoint_storage_is_refused():
+    """With it, local rank 0 of every node would write the model file into the one shared folder."""
+    from moca_fast.config import ConfigError
+    from moca_fast.train.engine import merge_user_config
+
+    with pytest.raises(ConfigError, match="'checkpoint.use_node_local_storage' is not accepted"):
+        merge_user_config({}, {"checkpoint": {"use_node_local_storage": True}})

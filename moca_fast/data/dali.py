@@ -44,6 +44,7 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -267,7 +268,8 @@ def _transcoded_path(path: str) -> str:
     target = cache_root() / TRANSCODE_FOLDER / f"{key}.png"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp.png")
+        # ranks on several nodes may write one shared cache: the host name keeps their temporary files apart
+        tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.tmp.png")
         open_rgb(path).save(tmp)
         os.replace(tmp, target)
     return str(target)
