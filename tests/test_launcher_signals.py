@@ -138,6 +138,37 @@ def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
     assert compared > 50
 
 
+def _agreement_rank(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moca_fast.train.engine import DistInfo
+    from moca_fast.train.loop import StopSignal, launcher_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = StopSignal(DistInfo(rank, 2, 0, torch.device("cpu")))
+    agreed_at = None
+    for step in range(1, 10):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's forwarded copy: ignored, the rank lives on
+        if stop.agreed():
+            agreed_at = step
+            break
+    stop.restore()
+    results[rank] = (agreed_at, launcher_processes())
+    dist.destroy_process_group()
+
+
+def test_the_stop_agreement_is_exact_one_step_after_the_signal():
+    """The all-reduce started after step 3 (where rank 1 got SIGTERM) is read after step 4 by both ranks."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agreement_rank, args=(_free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: (4, []), 1: (4, [])}, "both stop at step 4; no launcher above a spawned rank"
+
+
 def test_node_local_checkpoint_storage_is_refused():
     """With it, local rank 0 of every node would write the model file into the one shared folder."""
     from moca_fast.config import ConfigError
