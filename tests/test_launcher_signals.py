@@ -143,7 +143,7 @@ def _agreement_rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     from moca_fast.train.engine import DistInfo
-    from moca_fast.train.loop import StopSignal, launcher_processes
+    from moca_fast.train.stop import StopSignal, launcher_processes
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stop = StopSignal(DistInfo(rank, 2, 0, torch.device("cpu")))
