@@ -174,7 +174,7 @@ class _Walk:
                     st = entry.stat()
                     first = self.files.setdefault((st.st_dev, st.st_ino), entry.path) if st.st_ino else entry.path
                     if first != entry.path:
-                        self.ignored.append((entry.path, f"the same file as {first}"))
+                        self.ignored.append((entry.path, f"duplicate: the same file as {first}"))
                     else:
                         out.append((entry.path, st.st_size, st.st_mtime_ns))
                 elif entry.is_symlink():  # a broken link: reported as unreadable
@@ -269,7 +269,7 @@ def _report_bad(root: str, skipped: list[tuple[str, str]], bad_files: str) -> No
 def _report_ignored(root: str, ignored: list[tuple[str, str]]) -> None:
     if not ignored:
         return
-    counts = Counter(reason.split(" as ")[0].split(" (")[0] for _, reason in ignored)
+    counts = Counter(reason.split(":")[0].split(" (")[0] for _, reason in ignored)
     shown = "\n  ".join(f"{p}: {r}" for p, r in ignored[:LISTED_BAD_FILES])
     more = f"\n  ... {len(ignored) - LISTED_BAD_FILES} more" if len(ignored) > LISTED_BAD_FILES else ""
     log.warning("not using %d entries of %s (%s):\n  %s%s", len(ignored), root,
