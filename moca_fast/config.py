@@ -233,6 +233,8 @@ PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
 
 
 def _interval(low, high, low_in, high_in) -> str:
+    if low == high:
+        return f"{low:g}"
     if high == math.inf:
         return f"{'>=' if low_in else '>'} {low:g}"
     return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
