@@ -233,11 +233,12 @@ PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
 
 
 def _interval(low, high, low_in, high_in) -> str:
+    low_text, high_text = (f"{x}" if isinstance(x, int) else f"{x:g}" for x in (low, high))
     if low == high:
-        return f"{low:g}"
+        return low_text
     if high == math.inf:
-        return f"{'>=' if low_in else '>'} {low:g}"
-    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        return f"{'>=' if low_in else '>'} {low_text}"
+    return f"in {'[' if low_in else '('}{low_text}, {high_text}{']' if high_in else ')'}"
 
 
 def check_ranges(cfg: Config, names=FIELD_RANGES) -> None:
