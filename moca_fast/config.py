@@ -7,6 +7,8 @@ overrides of those defaults; a YAML file or `key=value` strings override further
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +91,7 @@ class Config:
     knn_train: str | None = None  # labelled folders (class sub-folders) for k-NN; None: none (the demo's own)
     knn_val: str | None = None
     keep_checkpoints: int = 2
+    cpu_threads: int = 0  # torch intra-op threads per rank; 0: the cores left by the loader's workers and the other ranks
 
     # ------------------------------------------------------------------
     @property
@@ -124,11 +127,9 @@ class Config:
         def fail(msg):
             raise ConfigError(msg)
 
-        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                     "decoder_depth", "decoder_num_heads", "num_words", "num_new_words", "batch_size",
-                     "grad_accum", "epochs"):
-            if getattr(self, name) < 1:
-                fail(f"{name}={getattr(self, name)} must be >= 1")
+        check_ranges(self)
+        if self.early_layer >= self.depth:
+            fail(f"early_layer={self.early_layer} must be in [0, depth={self.depth})")
         if self.img_size % self.patch_size:
             fail(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -138,14 +139,6 @@ class Config:
                  f"decoder_num_heads={self.decoder_num_heads}")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             fail("embed_dim and decoder_embed_dim must be multiples of 4 (2-D sin-cos position embedding)")
-        if not 0 <= self.early_layer < self.depth:
-            fail(f"early_layer={self.early_layer} must be in [0, depth={self.depth})")
-        if len(self.mask_ratio) != 2 or len(self.dec_mask_ratio) != 2:
-            fail("mask_ratio and dec_mask_ratio need exactly two values (two complementary masking rounds)")
-        for name in ("mask_ratio", "dec_mask_ratio"):
-            for r in getattr(self, name):
-                if not 0.0 <= r < 1.0:
-                    fail(f"{name}={list(getattr(self, name))}: every ratio must be in [0, 1)")
         L = self.num_patches
         keep, dec = self.len_keep(), self.len_dec()
         for i in range(2):
@@ -179,24 +172,15 @@ class Config:
             fail(f"attention={self.attention!r} must be 'auto', 'sdpa' or 'xformers'")
         if self.compile_blocks not in ("auto", "on", "off"):
             fail(f"compile_blocks={self.compile_blocks!r} must be 'auto', 'on' or 'off'")
-        if not 0 < self.activation_memory_budget <= 1:
-            fail(f"activation_memory_budget={self.activation_memory_budget} must be in (0, 1]")
         self.validate_data()
         if self.precision not in ("auto", "bf16", "fp32"):
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
         if self.zero_stage not in (0, 1, 2):
             fail(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
-        if self.lr_epochs_mul < 1:
-            fail(f"lr_epochs_mul={self.lr_epochs_mul} must be >= 1")
-        if not 0 < self.momentum_start <= 1:
-            fail(f"momentum_start={self.momentum_start} must be in (0, 1]")
-        if self.keep_checkpoints < 1:
-            fail(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        if self.log_every < 1 or self.ckpt_every < 1 or self.eval_every < 0:
-            fail(f"log_every={self.log_every} and ckpt_every={self.ckpt_every} must be >= 1, "
-                 f"eval_every={self.eval_every} >= 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            fail(f"max_steps={self.max_steps} must be >= 1")
+        if self.img_weight + self.loc_weight == 0:
+            fail("img_weight and loc_weight are both 0: nothing would be trained")
+        if (self.knn_train is None) != (self.knn_val is None):
+            fail(f"knn_train={self.knn_train} and knn_val={self.knn_val}: set both (k-NN needs both folders) or neither")
         return self
 
     def validate_data(self) -> "Config":
@@ -205,11 +189,86 @@ class Config:
             raise ConfigError(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
         if self.bad_files not in ("skip", "error"):
             raise ConfigError(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
-        if not 0 < self.crop_min <= 1:
-            raise ConfigError(f"crop_min={self.crop_min} must be in (0, 1]")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
+        check_ranges(self, DATA_FIELDS)
         return self
+
+    def check_paths(self) -> "Config":
+        """The run's folders, before anything starts: data and k-NN folders exist, output can be a folder."""
+        for name in ("data", "knn_train", "knn_val"):
+            value = getattr(self, name)
+            if value is not None and not os.path.isdir(os.path.expanduser(value)):
+                raise ConfigError(f"{name}={value}: no such folder")
+        check_output_folder(self.output)
+        return self
+
+
+#: every numeric field's allowed interval: (low, high, low included, high included); inf for no bound
+_ANY_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (0, math.inf, False, False), (0, math.inf, True, False), \
+    (1, math.inf, True, False)
+_UNIT_OPEN_HIGH, _UNIT_OPEN_LOW = (0, 1, True, False), (0, 1, False, True)
+FIELD_RANGES: dict[str, tuple] = {
+    **{name: _AT_LEAST_1 for name in (
+        "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+        "decoder_num_heads", "num_words", "num_new_words", "epochs", "batch_size", "grad_accum", "max_steps",
+        "log_every", "ckpt_every", "knn_k", "keep_checkpoints", "lr_epochs_mul")},
+    **{name: _ANY_POSITIVE for name in (
+        "mlp_ratio", "norm_eps", "inv_delta", "dist_norm_init", "kappa", "pred_mlp_ratio", "blr", "lr",
+        "knn_temperature")},
+    **{name: _NON_NEGATIVE for name in (
+        "skip_offset", "img_weight", "loc_weight", "warmup_epochs", "weight_decay", "weight_decay_end", "lr_wgen",
+        "weight_decay_wgen", "clip_grad", "num_workers", "eval_every", "cpu_threads")},
+    "in_chans": (3, 3, True, True),  # the loaders produce RGB
+    "early_layer": (0, math.inf, True, False),  # and < depth (validate)
+    "dist_norm_decay": _UNIT_OPEN_HIGH,
+    "mask_ratio": _UNIT_OPEN_HIGH,
+    "dec_mask_ratio": _UNIT_OPEN_HIGH,
+    "adam_betas": _UNIT_OPEN_HIGH,
+    "activation_memory_budget": _UNIT_OPEN_LOW,
+    "momentum_start": _UNIT_OPEN_LOW,
+    "crop_min": _UNIT_OPEN_LOW,
+    "seed": (0, 2**63, True, False),
+}
+DATA_FIELDS = ("crop_min", "num_workers")
+PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
+
+
+def _interval(low, high, low_in, high_in) -> str:
+    low_text, high_text = (f"{x}" if isinstance(x, int) else f"{x:g}" for x in (low, high))
+    if low == high:
+        return low_text
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low_text}"
+    return f"in {'[' if low_in else '('}{low_text}, {high_text}{']' if high_in else ')'}"
+
+
+def check_ranges(cfg: Config, names=FIELD_RANGES) -> None:
+    """ConfigError (one line) for the first field outside its FIELD_RANGES interval, NaN or inf included."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        values = value if name in PAIRS else (value,)
+        if name in PAIRS and len(values) != 2:
+            raise ConfigError(f"{name}={list(values)} must hold exactly two values")
+        low, high, low_in, high_in = FIELD_RANGES[name]
+        for v in values:
+            inside = (v >= low if low_in else v > low) and (v <= high if high_in else v < high)
+            if not (inside and math.isfinite(v)):
+                shown = list(value) if name in PAIRS else value
+                raise ConfigError(f"{name}={shown} must be {_interval(low, high, low_in, high_in)}"
+                                  + (" (each value)" if name in PAIRS else ""))
+
+
+def check_output_folder(output: str) -> None:
+    """ConfigError unless `output` is a writable folder or can be created as one."""
+    path = Path(output).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output={output} is an existing file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output={output} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output={output} cannot be written: no write permission on {existing}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

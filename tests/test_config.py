@@ -64,3 +64,55 @@ def test_unknown_and_malformed_settings():
         load_config("tiny", overrides={"depth": "three"})
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("vit_huge")
+
+
+@pytest.mark.parametrize("setting", ["blr=-1", "kappa=-1", "lr=-1", "weight_decay=-5", "clip_grad=-1", "clip_grad=nan",
+                                     "inv_delta=0", "dist_norm_decay=2", "warmup_epochs=-3", "knn_k=0", "seed=-1",
+                                     "adam_betas=0.9,1.5", "blr=inf", "mask_ratio=0.5", "knn_temperature=0",
+                                     "in_chans=1", "cpu_threads=-1", "crop_min=nan", "momentum_start=0"])
+def test_out_of_range_values_rejected_with_one_line(setting):
+    name = setting.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=parse_kv([setting])).validate()
+    assert str(e.value).startswith(f"{name}=") and " must " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_numeric_field_has_a_range():
+    import dataclasses
+    import typing
+
+    from moca_fast.config import FIELD_RANGES
+
+    hints = typing.get_type_hints(Config)
+    numeric = {f.name for f in dataclasses.fields(Config) if hints[f.name] in (int, float, tuple, float | None,
+                                                                                int | None)}
+    assert numeric - {"zero_stage"} == set(FIELD_RANGES), "zero_stage is a choice of {0, 1, 2}"
+    for stage in (0, 1, 2):
+        load_config("tiny", overrides=dict(zero_stage=stage)).validate()
+
+
+def test_paths_checked_in_one_line(tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for overrides, message in [(dict(output=str(a_file)), "is an existing file, not a folder"),
+                               (dict(output=str(a_file / "run")), f"cannot be created: {a_file} is a file"),
+                               (dict(data=str(tmp_path / "none")), "no such folder"),
+                               (dict(knn_train=str(tmp_path)), "set both")]:
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny", overrides={"output": str(tmp_path / "run"), **overrides}).validate().check_paths()
+        assert message in str(e.value) and "\n" not in str(e.value)
+    load_config("tiny", overrides=dict(output=str(tmp_path / "new" / "run"), data=str(tmp_path))).validate().check_paths()
+
+
+def test_the_trainer_refuses_an_output_that_is_a_file_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    proc = subprocess.run([sys.executable, "launch/train.py", "--preset", "tiny", "--data-backend", "synthetic",
+                           "--output", str(a_file)], cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: output={a_file} is an existing file, not a folder"

@@ -176,6 +176,21 @@ def test_a_file_broken_after_the_scan_is_substituted_not_fatal(tmp_path):
     assert all(torch.isfinite(x).all() for pair in batches for x in pair)
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_file_changed_behind_the_scan_cache_is_substituted_by_both_backends(tmp_path, backend):
+    for i in range(8):
+        noise_image((40, 40), seed=i).save(tmp_path / f"{i}.jpg")
+    scan_images(tmp_path)  # the verdicts are cached, keyed on size and mtime
+    changed = tmp_path / "3.jpg"
+    st = changed.stat()
+    changed.write_bytes(b"x" * st.st_size)  # no longer an image, same size and mtime: the cache says usable
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    loader = build_train_loader(config(tmp_path, data_backend=backend))
+    batches = collect(loader)  # epoch 0: 2 batches of 4, every image once
+    assert len(batches) == 2 and loader.substituted == 1 and loader.skipped == [(str(changed), loader.skipped[0][1])]
+    assert all(torch.isfinite(x).all() for pair in batches for x in pair)
+
+
 def test_the_gpu_pipeline_graph_passes_dalis_device_placement_checks(folder):
     """device_id=0 gives the nvJPEG ("mixed") decoder and GPU ops; defining its graph needs no GPU and
     raises on a CPU operator fed GPU data or a GPU tensor passed as a named argument. (Building it

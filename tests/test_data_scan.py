@@ -93,7 +93,11 @@ def test_skip_mode_keeps_every_valid_kind_and_skips_each_bad_one(mixed_folder, c
     text = caplog.text
     assert "skipping 6 bad image files" in text and bad["b/zero.jpg"][0] in text
     assert "hold no usable image" in text and ": c" in text
-    assert "ignoring the 1 files directly inside it" in text
+    assert dict(found.ignored) == {str(root / "b/.hidden.jpg"): "hidden", str(root / "b/pipe.jpg"): "not a regular file",
+                                   str(root / "b/notes.txt"): "not an image (neither its extension nor its first bytes)",
+                                   str(root / "loose.jpg"): "beside the class folders"}
+    assert str(root / "b/pipe.jpg") in text and f"not using 4 entries of {root} (1 hidden, 1 not a regular file, " \
+        "1 beside the class folders, 1 not an image)" in text
 
 
 def test_all_kept_images_load_as_rgb(mixed_folder):
@@ -186,3 +190,47 @@ def test_cache_falls_back_to_the_user_cache_when_the_folder_is_not_writable(tmp_
     assert len(list((tmp_path / "user_cache" / "scans").glob("*.json.gz"))) == 1
     scan_images(root)
     assert len(calls) == 1
+
+
+def _scan_in_a_child(root, timeout: float = 60):
+    """scan_images(root) in a forked process: a walk that never ends fails the test instead of hanging it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(scan_images(root)))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        pytest.fail(f"the scan of {root} did not end within {timeout} s")
+    return queue.get(timeout=5)
+
+
+def test_symlink_loops_are_walked_once_and_every_unused_entry_is_named(tmp_path):
+    root = tmp_path / "data"
+    images = [write(root / "a" / f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(3)]
+    (root / "a" / "sub").mkdir()
+    os.symlink("..", root / "a" / "sub" / "up")  # a loop: a/sub/up/sub/up/...
+    os.symlink(".", root / "a" / "self")  # a/self/self/... and a/self/0.jpg
+    os.symlink("0.jpg", root / "a" / "link.jpg")  # a second path to one file
+    write(root / "a" / "notes.txt", b"hello\n")
+    write(root / "a" / ".DS_Store", b"\0\0")
+    write(root / "loose.jpg", jpeg_bytes())
+    result = _scan_in_a_child(root)
+    assert sorted(result.files) == sorted(images) and result.skipped == []
+    ignored = dict(result.ignored)
+    assert ignored == {str(root / "a" / "self"): "folder already walked (a symlink loop or a second link to it)",
+                       str(root / "a" / "sub" / "up"): "folder already walked (a symlink loop or a second link to it)",
+                       str(root / "a" / "link.jpg"): f"duplicate: the same file as {root / 'a' / '0.jpg'}",
+                       str(root / "a" / "notes.txt"): "not an image (neither its extension nor its first bytes)",
+                       str(root / "a" / ".DS_Store"): "hidden",
+                       str(root / "loose.jpg"): "beside the class folders"}
+    assert len(result.ignored) == 6
+
+
+def test_a_self_link_does_not_multiply_the_images(tmp_path):
+    images = [write(tmp_path / "flat" / f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(2)]
+    os.symlink(".", tmp_path / "flat" / "self")
+    result = _scan_in_a_child(tmp_path / "flat")
+    assert sorted(result.files) == images, "each image once"

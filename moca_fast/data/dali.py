@@ -34,7 +34,9 @@ Files DALI cannot decode (GIF and other formats PIL reads under an image extensi
 transcoded once to PNG under <cache>/dali_transcoded/ and read from there. A file that breaks
 after the scan stops the DALI pipeline; the loader then re-checks the epoch's files, substitutes
 each broken one by the next usable file of the list (as the torch backend does; counted in
-`substituted`, listed in `skipped`) and restarts the epoch's pipeline at the same step.
+`substituted`, listed in `skipped`) and restarts the epoch's pipeline at the same step. A file that
+no longer decodes when the loader starts (changed behind the scan cache, same size and mtime) is
+substituted the same way.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -265,7 +268,8 @@ def _transcoded_path(path: str) -> str:
     target = cache_root() / TRANSCODE_FOLDER / f"{key}.png"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp.png")
+        # ranks on several nodes may write one shared cache: the host name keeps their temporary files apart
+        tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.tmp.png")
         open_rgb(path).save(tmp)
         os.replace(tmp, target)
     return str(target)
@@ -275,21 +279,26 @@ def _check_threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1)))
 
 
-def dali_readable_files(files: list[str]) -> list[str]:
-    """`files` with each file DALI cannot decode replaced by its PNG transcode (logged)."""
+def dali_readable_files(files: list[str]) -> tuple[list[str], dict[int, str]]:
+    """(`files` with each file DALI cannot decode replaced by its PNG transcode (logged), {index: why} of
+    the files that no longer decode at all: changed since the scan, with the same size and mtime)."""
     started = time.monotonic()
     with _check_threads() as pool:
         decodable = list(pool.map(_dali_decodes, files, chunksize=256))
     foreign = [i for i, ok in enumerate(decodable) if not ok]
-    out = list(files)
+    out, broken = list(files), {}
     for i in foreign:
-        out[i] = _transcoded_path(files[i])
-    if foreign:
-        shown = ", ".join(files[i] for i in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        try:
+            out[i] = _transcoded_path(files[i])
+        except Exception as e:  # PIL raises many types on a file that no longer decodes
+            broken[i] = f"changed since the scan and no longer decodes ({type(e).__name__}: {' '.join(str(e).split())})"
+    transcoded = [i for i in foreign if i not in broken]
+    if transcoded:
+        shown = ", ".join(files[i] for i in transcoded[:5]) + (" ..." if len(transcoded) > 5 else "")
         log.info("DALI: %d images in formats DALI cannot decode are read from PNG copies in %s: %s",
-                 len(foreign), cache_root() / TRANSCODE_FOLDER, shown)
+                 len(transcoded), cache_root() / TRANSCODE_FOLDER, shown)
     log.info("DALI: checked the format of %d files in %.1f s", len(files), time.monotonic() - started)
-    return out
+    return out, broken
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,14 +319,15 @@ class DaliTwoViewLoader(LoaderPosition):
         self.skipped = list(images.skipped)
         self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
                                 source=f"data folder {images.root}")
-        self.files = dali_readable_files(images.files)
+        self.substituted = 0
+        self.files, broken = dali_readable_files(images.files)
+        self._substitute(broken)
         self.img_size, self.crop_min, self.views = cfg.img_size, cfg.crop_min, views
         self.num_threads = max(1, cfg.num_workers)
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
-        self.substituted = 0
         # (epoch, next step, DALIGenericIterator) of the running pipeline; epoch 0's is built now, so
         # that a pipeline that cannot run here fails at construction and prefetching starts early
         self._live = (0, 0, self._start(0, 0))
@@ -370,6 +380,11 @@ class DaliTwoViewLoader(LoaderPosition):
         broken = {i: reason for i, reason in zip(indices, reasons) if reason is not None}
         if not broken:
             raise error
+        self._substitute(broken)
+
+    def _substitute(self, broken: dict[int, str]) -> None:
+        """Each broken file (index: why) is replaced by the next usable file of the list, as the torch
+        backend does (logged, counted in `substituted`, listed in `skipped`)."""
         for index, reason in broken.items():
             note_failed(self, [(self.files[index], reason)])
             self.files[index] = self.files[self._next_usable(index, broken)]

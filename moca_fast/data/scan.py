@@ -8,6 +8,9 @@ at 1/8 scale through PIL's draft mode, which still parses the whole bitstream so
 caught). Verdicts are cached in a gzip'd JSON file beside the data (or under
 <cache root>/scans/ when the folder is read-only), keyed on each file's size and mtime, so a
 re-run lists the folder but decodes only new or changed files.
+Each folder is walked once (by device and inode: a symlink loop ends, a `self -> .` link adds
+nothing) and each file is used once; every entry not used is counted and named in the log: bad images
+in `skipped`, the rest (non-images, hidden, second links, loops, files beside class folders) in `ignored`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +49,8 @@ class ImageList:
     files: list[str]
     labels: list[int]
     classes: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # bad images: (path, why)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # everything else not used: (path, why)
     root: str = ""
 
     def __len__(self) -> int:
@@ -125,31 +130,60 @@ def _has_image_signature(path: str) -> bool:
     return head is not None and has_signature(head, _SIGNATURES)
 
 
-def _list_files(folder: str) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of the non-hidden files under folder, recursively, sorted by path.
+class _Walk:
+    """One walk of a data folder: each folder is entered once (by device and inode, so a symlink loop
+    ends), each file is listed once, and every entry not listed is kept in `ignored` with why."""
 
-    Pipes, sockets and devices are left out; size -1 marks a file that cannot be stat'ed.
-    """
-    out = []
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as e:
-        log.warning("cannot list %s (%s); ignoring it", folder, e.strerror)
-        return out
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
+    def __init__(self):
+        self.folders: set[tuple[int, int]] = set()
+        self.files: dict[tuple[int, int], str] = {}
+        self.ignored: list[tuple[str, str]] = []
+
+    def enter(self, folder: str) -> bool:
+        """False (noted in `ignored`) when `folder` was entered before under another path."""
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in self.folders:
+            self.ignored.append((folder, "folder already walked (a symlink loop or a second link to it)"))
+            return False
+        self.folders.add(key)
+        return True
+
+    def list_files(self, folder: str) -> list[tuple[str, int, int]]:
+        """(path, size, mtime_ns) of the files under folder, recursively, in sorted-path order.
+
+        Hidden entries, pipes, sockets, devices and second paths to a file already listed are ignored;
+        size -1 marks a file that cannot be stat'ed.
+        """
+        out = []
         try:
-            if entry.is_dir():
-                out.extend(_list_files(entry.path))
-            elif entry.is_file():
-                st = entry.stat()
-                out.append((entry.path, st.st_size, st.st_mtime_ns))
-            elif entry.is_symlink():  # a broken link: reported as unreadable
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            self.ignored.append((folder, f"cannot list the folder ({e.strerror})"))
+            return out
+        for entry in entries:
+            if entry.name.startswith("."):
+                if not entry.name.startswith(CACHE_FILE_NAME):
+                    self.ignored.append((entry.path, "hidden"))
+                continue
+            try:
+                if entry.is_dir():
+                    if self.enter(entry.path):
+                        out.extend(self.list_files(entry.path))
+                elif entry.is_file():
+                    st = entry.stat()
+                    first = self.files.setdefault((st.st_dev, st.st_ino), entry.path) if st.st_ino else entry.path
+                    if first != entry.path:
+                        self.ignored.append((entry.path, f"duplicate: the same file as {first}"))
+                    else:
+                        out.append((entry.path, st.st_size, st.st_mtime_ns))
+                elif entry.is_symlink():  # a broken link: reported as unreadable
+                    out.append((entry.path, -1, -1))
+                else:
+                    self.ignored.append((entry.path, "not a regular file"))
+            except OSError:
                 out.append((entry.path, -1, -1))
-        except OSError:
-            out.append((entry.path, -1, -1))
-    return out
+        return out
 
 
 def _cache_paths(root: str) -> list[Path]:
@@ -232,6 +266,16 @@ def _report_bad(root: str, skipped: list[tuple[str, str]], bad_files: str) -> No
     log.warning("skipping %d bad image files in %s:\n  %s%s", len(skipped), root, shown, more)
 
 
+def _report_ignored(root: str, ignored: list[tuple[str, str]]) -> None:
+    if not ignored:
+        return
+    counts = Counter(reason.split(":")[0].split(" (")[0] for _, reason in ignored)
+    shown = "\n  ".join(f"{p}: {r}" for p, r in ignored[:LISTED_BAD_FILES])
+    more = f"\n  ... {len(ignored) - LISTED_BAD_FILES} more" if len(ignored) > LISTED_BAD_FILES else ""
+    log.warning("not using %d entries of %s (%s):\n  %s%s", len(ignored), root,
+                ", ".join(f"{n} {reason}" for reason, n in counts.items()), shown, more)
+
+
 def scan_images(root: str | os.PathLike, bad_files: str = "skip") -> ImageList:
     """Lists and checks the images of `root` (class sub-folders or flat); see the module docstring.
 
@@ -242,17 +286,19 @@ def scan_images(root: str | os.PathLike, bad_files: str = "skip") -> ImageList:
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
         raise ConfigError(f"data folder {root} does not exist or is not a folder")
-    top = [e for e in sorted(os.scandir(root), key=lambda e: e.name) if not e.name.startswith(".")]
-    class_dirs = [e for e in top if e.is_dir()]
+    walk = _Walk()
+    walk.enter(root)
+    top = sorted(os.scandir(root), key=lambda e: e.name)
+    class_dirs = [e for e in top if not e.name.startswith(".") and e.is_dir() and walk.enter(e.path)]
     if class_dirs:
         classes = [e.name for e in class_dirs]
-        listing = [(item, label) for label, d in enumerate(class_dirs) for item in _list_files(d.path)]
-        loose = sum(1 for e in top if not e.is_dir())
-        if loose:
-            log.info("%s has class folders; ignoring the %d files directly inside it", root, loose)
+        listing = [(item, label) for label, d in enumerate(class_dirs) for item in walk.list_files(d.path)]
+        walk.ignored.extend((e.path, "beside the class folders") for e in top
+                            if not e.name.startswith(".") and not e.is_dir())
     else:
+        walk.ignored.clear()  # the links to root itself, found again below
         classes = [os.path.basename(root)]
-        listing = [(item, 0) for item in _list_files(root)]
+        listing = [(item, 0) for item in walk.list_files(root)]
     entries = _check_all([item for item, _ in listing], root)
 
     files, labels, skipped, per_class = [], [], [], [0] * len(classes)
@@ -264,6 +310,9 @@ def scan_images(root: str | os.PathLike, bad_files: str = "skip") -> ImageList:
             per_class[label] += 1
         elif verdict.startswith(_BAD):
             skipped.append((path, verdict[len(_BAD):]))
+        else:
+            walk.ignored.append((path, "not an image (neither its extension nor its first bytes)"))
+    _report_ignored(root, walk.ignored)
     _report_bad(root, skipped, bad_files)
     if not files:
         raise ConfigError(f"data folder {root} holds no usable images (extensions: "
@@ -272,4 +321,4 @@ def scan_images(root: str | os.PathLike, bad_files: str = "skip") -> ImageList:
     if empty:
         log.info("%d class folders of %s hold no usable image (they keep their label index): %s",
                  len(empty), root, ", ".join(empty[:LISTED_BAD_FILES]))
-    return ImageList(files=files, labels=labels, classes=classes, skipped=skipped, root=root)
+    return ImageList(files=files, labels=labels, classes=classes, skipped=skipped, ignored=walk.ignored, root=root)

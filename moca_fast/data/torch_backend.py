@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -74,9 +75,17 @@ class _ShardBatchSampler:
             yield [(self.epoch, rank, p, int(order[p])) for p in positions]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker outlives SIGTERM / SIGINT sent to the process group: the rank saves its checkpoint first,
+    then shuts its workers down (a worker killed under it would end the rank with an error instead)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and num_workers > 0, **kwargs)
+                      persistent_workers=persistent and num_workers > 0, worker_init_fn=_ignore_stop_signals,
+                      **kwargs)
 
 
 class TorchTwoViewLoader(LoaderPosition):

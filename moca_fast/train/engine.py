@@ -44,6 +44,8 @@ REJECTED_KEYS = {
     "optimizer": "the optimiser is AdamW over MOCA's parameter groups (set blr/lr/weight_decay/adam_betas)",
     "scheduler": "the lr/wd/momentum schedules are MOCA's (set warmup_epochs/lr_epochs_mul/weight_decay_end)",
     "fp16.enabled": "fp16 is not supported (use precision=bf16 or fp32)",
+    "checkpoint.use_node_local_storage": "checkpoints go to one shared --output folder (global rank 0 writes the "
+                                         "model, each rank its own partition and trainer file)",
 }
 
 

@@ -9,56 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from moca_fast.config import Config, ConfigError, save_config
 from moca_fast.train import checkpoint as ckpt
+from moca_fast.train.cpu_threads import set_intra_op_threads
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, init_distributed, input_dtype,
                                     load_user_deepspeed_config, resolve_precision)
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, train_step
+from moca_fast.train.stop import StopSignal
 
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks", "activation_memory_budget")
-
-
-class StopSignal:
-    """SIGTERM / SIGINT set a flag; `agreed()` is True on every rank once any rank got one.
-
-    The agreement is an all-reduce of a CPU tensor on a gloo group, so it never waits for the GPU.
-    A second signal restores the default handler (a second Ctrl-C kills).
-    """
-
-    def __init__(self, dist_info: DistInfo):
-        self.flag = torch.zeros(1, dtype=torch.int32)
-        self.group = None
-        if dist_info.world_size > 1:
-            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
-        self.flag.fill_(1)
-        signal.signal(signum, signal.SIG_DFL)
-
-    def agreed(self) -> bool:
-        flag = self.flag.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+              "compile_blocks", "activation_memory_budget", "cpu_threads")
 
 
 def _rng_isolated(batches):
@@ -119,7 +89,8 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, deepspeed_config: str | None = None):
         self.dist = init_distributed()
         setup_logging(self.dist.is_main)
-        cfg = cfg.validate(self.dist.world_size)
+        cfg = cfg.validate(self.dist.world_size).check_paths()
+        self.threads = set_intra_op_threads(cfg.cpu_threads, 0 if cfg.data_backend == "synthetic" else cfg.num_workers)
         self.cfg = cfg = _with_demo_data(cfg, self.dist)
         self.output = Path(cfg.output)
         if self.dist.is_main:
@@ -168,6 +139,7 @@ class Trainer:
                        precision=self.precision, zero_stage=self.ds_config["zero_optimization"]["stage"],
                        attention_backend=self.model.attention_backend, kernel_impl=self.cfg.impl,
                        fast_path=_fast_path_facts(self.model),
+                       cpu_threads=asdict(self.threads),
                        data_backend=self.loader.backend, train_images=self.loader.num_images,
                        skipped_images=len(self.loader.skipped), steps_per_epoch=self.steps_per_epoch,
                        total_steps=self.total_steps, effective_batch_size=effective_batch_size(

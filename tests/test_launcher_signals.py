@@ -1,0 +1,178 @@
+"""SIGTERM under the deepspeed launcher, as a cluster scheduler sends it, and two launchers as two nodes.
+
+- to the `deepspeed` command alone (it dies and leaves launch.py and the ranks running): the ranks see
+  their launcher gone, save the step reached and exit;
+- to the launcher's whole process group (each rank and its DataLoader worker get it, then launch.py
+  forwards a second one and SIGKILLs after 30 s): the ranks save the step reached and exit;
+- two `deepspeed --no_ssh --num_nodes 2 --node_rank 0|1` on 127.0.0.1, one rank each (RANK 0 and 1, both
+  LOCAL_RANK 0) writing one shared folder: a SIGTERM to node 1's launcher stops both nodes at the same
+  step, and the resumed run is bit-identical to an uninterrupted one.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from jpeg_folder import write_class_folders
+from test_train_e2e import LAUNCH, REPO, TINY_RUN, _assert_identical, _deepspeed_cli, _env, _free_port, _load, _metrics
+
+FOREVER = ["--max-steps", "100000", "epochs=1000"]
+
+
+def _launch(launcher_args: list[str], args: list[str], log: Path) -> subprocess.Popen:
+    """The deepspeed launcher in a process group (session) of its own, as a scheduler starts it."""
+    cmd = _deepspeed_cli() + launcher_args + [LAUNCH] + TINY_RUN + args
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for_step(output: Path, step: int, logs: list[Path], timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ((output / "metrics.jsonl").is_file() and _metrics(output) and _metrics(output)[-1]["step"] >= step):
+        assert time.time() < deadline, "\n".join(log.read_text()[-2000:] for log in logs)
+        time.sleep(0.2)
+
+
+def _wait_until_gone(launchers: list[subprocess.Popen], logs: list[Path], timeout: float = 150) -> None:
+    """Waits until no process of the launchers' process groups is left (ranks, workers, launchers)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for launcher in launchers:
+            launcher.poll()  # reaps the launcher (a zombie still counts as a member of its group)
+            try:
+                os.killpg(launcher.pid, 0)
+                alive.append(launcher.pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        if time.time() > deadline:
+            for group in alive:
+                os.killpg(group, signal.SIGKILL)
+            pytest.fail("ranks still running after the SIGTERM:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+        time.sleep(0.3)
+
+
+def _saved_step(output: Path, world_size: int = 2) -> int:
+    latest = output / "checkpoints" / (output / "checkpoints" / "latest").read_text().strip()
+    step = json.loads((latest / "meta.json").read_text())["step"]
+    for rank in range(world_size):
+        assert _load(latest / f"trainer_rank{rank:05d}.pt")["step"] == step
+    assert not list((output / "checkpoints").glob(".*")), "no temporary checkpoint left behind"
+    return step
+
+
+def test_sigterm_to_the_launcher_or_its_process_group_saves_the_step_reached(tmp_path):
+    jpegs = write_class_folders(tmp_path / "jpegs", per_class=12, classes=2)
+    out = tmp_path / "run"
+    two_ranks = ["--num_gpus", "2", "--master_port", str(_free_port())]
+    data = ["--data", str(jpegs), "--output", str(out), "num_workers=1"] + FOREVER
+
+    first = _launch(two_ranks, data, tmp_path / "a.log")
+    _wait_for_step(out, 2, [tmp_path / "a.log"])
+    first.send_signal(signal.SIGTERM)  # the `deepspeed` command only: it dies, launch.py and the ranks stay
+    _wait_until_gone([first], [tmp_path / "a.log"])
+    stopped = _saved_step(out)
+    assert stopped == _metrics(out)[-1]["step"] >= 2
+    assert "the launcher deepspeed" in (tmp_path / "a.log").read_text()
+
+    two_ranks[-1] = str(_free_port())
+    second = _launch(two_ranks, data + ["--resume", "auto"], tmp_path / "b.log")
+    _wait_for_step(out, stopped + 2, [tmp_path / "b.log"])
+    os.killpg(second.pid, signal.SIGTERM)  # the whole group: runner, launch.py, ranks, their workers
+    _wait_until_gone([second], [tmp_path / "b.log"])
+    log = (tmp_path / "b.log").read_text()
+    final = _saved_step(out)
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
+    assert [r["step"] for r in _metrics(out)] == list(range(1, final + 1)) and final > stopped + 1
+    assert f"stopped at step {final}; checkpoint saved" in log, log[-3000:]
+
+
+def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node0 slots=1\nnode1 slots=1\n")
+    end_at = 10
+
+    def two_nodes(name: str, args: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
+        port, logs = str(_free_port()), [tmp_path / f"{name}.node{n}.log" for n in range(2)]
+        procs = [_launch(["--hostfile", str(hosts), "--no_ssh", "--num_nodes", "2", "--node_rank", str(n),
+                          "--master_addr", "127.0.0.1", "--master_port", port],
+                         ["--data-backend", "synthetic", "--output", str(tmp_path / name)] + args, logs[n])
+                 for n in range(2)]
+        return procs, logs
+
+    full, full_logs = two_nodes("full", ["--max-steps", str(end_at)])
+    part, part_logs = two_nodes("split", ["--max-steps", "100000"])
+    _wait_for_step(tmp_path / "split", 1, part_logs)
+    part[1].send_signal(signal.SIGTERM)  # node 1's launcher: rank 1 stops, and rank 0 with it
+    _wait_until_gone(part, part_logs)
+    stopped = _saved_step(tmp_path / "split")
+    assert 1 <= stopped == _metrics(tmp_path / "split")[-1]["step"] < end_at
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in part_logs[1].read_text(), "rank 1 is LOCAL_RANK 0 of node 1"
+    for p, log in zip(full, full_logs):
+        assert p.wait(timeout=240) == 0, log.read_text()[-3000:]
+    resumed, resumed_logs = two_nodes("split", ["--max-steps", str(end_at), "--resume", "auto"])
+    for p, log in zip(resumed, resumed_logs):
+        assert p.wait(timeout=240) == 0, log.read_text()[-3000:]
+
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, end_at + 1))
+    for ra, rb in zip(a, b):
+        assert [ra[k] for k in ("loss", "loss_img", "loss_loc", "lr", "wd", "momentum")] == \
+               [rb[k] for k in ("loss", "loss_img", "loss_loc", "lr", "wd", "momentum")], ra["step"]
+    name = f"step_{end_at:08d}"
+    ca, cb = tmp_path / "full" / "checkpoints" / name, tmp_path / "split" / "checkpoints" / name
+    files = sorted(p.name for p in (ca / "deepspeed").iterdir())
+    assert files == sorted(p.name for p in (cb / "deepspeed").iterdir()) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"], "one model file (global rank 0), one partition per rank"
+    compared = sum(_assert_identical(_load(ca / "deepspeed" / f), _load(cb / "deepspeed" / f), f) for f in files)
+    for rank in range(2):
+        ta, tb = _load(ca / f"trainer_rank{rank:05d}.pt"), _load(cb / f"trainer_rank{rank:05d}.pt")
+        compared += _assert_identical(ta, tb, f"trainer rank {rank}")
+    assert compared > 50
+
+
+def _agreement_rank(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moca_fast.train.engine import DistInfo
+    from moca_fast.train.stop import StopSignal, launcher_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = StopSignal(DistInfo(rank, 2, 0, torch.device("cpu")))
+    agreed_at = None
+    for step in range(1, 10):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's forwarded copy: ignored, the rank lives on
+        if stop.agreed():
+            agreed_at = step
+            break
+    stop.restore()
+    results[rank] = (agreed_at, launcher_processes())
+    dist.destroy_process_group()
+
+
+def test_the_stop_agreement_is_exact_one_step_after_the_signal():
+    """The all-reduce started after step 3 (where rank 1 got SIGTERM) is read after step 4 by both ranks."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agreement_rank, args=(_free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: (4, []), 1: (4, [])}, "both stop at step 4; no launcher above a spawned rank"
+
+
+def test_node_local_checkpoint_storage_is_refused():
+    """With it, local rank 0 of every node would write the model file into the one shared folder."""
+    from moca_fast.config import ConfigError
+    from moca_fast.train.engine import merge_user_config
+
+    with pytest.raises(ConfigError, match="'checkpoint.use_node_local_storage' is not accepted"):
+        merge_user_config({}, {"checkpoint": {"use_node_local_storage": True}})
