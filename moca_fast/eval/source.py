@@ -41,6 +41,8 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
 
         torch.manual_seed(cfg.seed)  # as launch/train.py does before building the model
         teacher = Teacher(MOCA(cfg, 1).teacher, cfg, f"preset {preset} at random initialisation (seed {cfg.seed})")
+    elif not Path(checkpoint).exists():
+        raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder, run folder or file (no such path)")
     elif Path(checkpoint).is_dir():
         teacher = _from_folder(checkpoint)
     elif Path(checkpoint).suffix == ".safetensors":
@@ -96,8 +98,6 @@ def _from_file(path: Path, preset: str | None) -> Teacher:
 
 
 def _from_safetensors(path: Path) -> Teacher:
-    if not path.is_file():
-        raise ConfigError(f"--checkpoint {path}: no such file")
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
