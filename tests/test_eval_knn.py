@@ -32,19 +32,32 @@ def run_and_data(tmp_path_factory):
     return make_run(root / "run"), make_eval_data(root / "data")
 
 
-def test_cli_sweep_on_a_run_folder(run_and_data, tmp_path):
-    run, data = run_and_data
-    out = tmp_path / "knn.json"
-    proc = subprocess.run([sys.executable, "-m", "moca_fast.eval", "knn", "--checkpoint", str(run), "--data",
-                           str(data), "--output", str(out), "--num-workers", "0"],
+def _cli(run, data, out, launcher=()):
+    proc = subprocess.run([sys.executable, *launcher, "-m", "moca_fast.eval", "knn", "--checkpoint", str(run),
+                           "--data", str(data), "--output", str(out), "--num-workers", "0"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_rank(run_and_data, tmp_path_factory):
+    return _cli(*run_and_data, tmp_path_factory.mktemp("knn_one") / "knn.json")
+
+
+def test_cli_sweep_on_a_run_folder(one_rank):
+    proc, result = one_rank
     assert result["protocol"] == "knn" and len(result["cells"]) == 20
     best = max(result["cells"], key=lambda c: c["top1"])
     assert (result["top1"], result["k"], result["temperature"]) == (best["top1"], best["k"], best["temperature"])
     assert proc.stdout.strip().splitlines()[-1].startswith(f"k-NN: top-1 {best['top1']:.2f} %")
     assert result["val_images"] == 9 and result["train_images"] == 18
+
+
+def test_two_gloo_ranks_give_the_one_rank_sweep(run_and_data, one_rank, tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    _, two = _cli(*run_and_data, tmp_path / "two.json", launcher)
+    assert two["cells"] == one_rank[1]["cells"] and two["val_images"] == 9
 
 
 def test_every_source_gives_the_same_teacher(run_and_data, tmp_path):
@@ -64,3 +77,4 @@ def test_every_source_gives_the_same_teacher(run_and_data, tmp_path):
     fresh = MOCA(tiny_cfg().replace(batch_size=4), 1).teacher.state_dict()
     random_init = load_teacher(None, "tiny", "cpu").encoder.state_dict()
     assert all(torch.equal(random_init[k], fresh[k]) for k in fresh)
+
