@@ -26,6 +26,8 @@ setup(
         "pillow",
         "tqdm",
         "mlxtend",
+        "scikit-learn",  # low-shot logistic regression (moca_fast.eval lowshot)
+        "timm",  # fine-tuning builds on timm's ViT, Mixup, transforms, layer-decay groups, losses
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

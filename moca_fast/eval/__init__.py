@@ -1,1 +1,2 @@
-"""Evaluation of pretrained teachers: k-NN (DINO protocol)."""
+"""The paper's evaluations of a pretrained teacher: k-NN sweep, linear probe, low-shot logistic regression,
+fine-tuning. `python -m moca_fast.eval {knn,linear,lowshot,finetune} --help`."""

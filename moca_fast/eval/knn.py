@@ -6,17 +6,14 @@ exp(sim_j / T); top-1 / top-5 accuracy of the vote (k=20, T=0.07 by default).
 Over ranks: every rank extracts features of its share of the images; the training bank is gathered on
 every rank, each rank classifies its own validation share, and the correct counts are summed.
 
-Standalone:  python -m moca_fast.eval.knn --checkpoint RUN_OR_CHECKPOINT --data DIR
+Standalone (the official sweep, k in {10, 20} x 10 temperatures):
+python -m moca_fast.eval knn --checkpoint RUN_OR_CHECKPOINT --data DIR   (also python -m moca_fast.eval.knn)
 (DIR holds train/ and val/ class folders; or --train DIR --val DIR).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -126,67 +123,79 @@ def build_knn_loaders(cfg, train_root: str, val_root: str, rank: int, world_size
             build_eval_loader(val_root, cfg, rank, world_size, device))
 
 
-# ---------------------------------------------------------------------- standalone
-def _init_process_group() -> torch.device:
-    """A process group when started by a launcher (WORLD_SIZE > 1), else none; the device to use."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+# ---------------------------------------------------------------------- the sweep
+#: the official eval_knn.py sweep
+SWEEP_K = (10, 20)
+SWEEP_TEMPERATURES = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.10, 0.12, 0.15, 0.20)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from moca_fast.config import ConfigError
-    from moca_fast.train.checkpoint import load_trained_model
+@torch.no_grad()
+def knn_sweep_correct(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                      query_labels: torch.Tensor, ks, temperatures, num_classes: int, chunk: int = 1024) -> torch.Tensor:
+    """Correct (top-1, top-5) counts [len(ks), len(temperatures), 2] of knn_correct for every (k, T) cell,
+    from one similarity top-k per query chunk (the largest k; smaller k read its first columns)."""
+    counts = torch.zeros(len(ks), len(temperatures), 2, dtype=torch.long)
+    k_max = min(max(ks), bank.shape[0])
+    for start in range(0, queries.shape[0], chunk):
+        q, q_labels = queries[start:start + chunk], query_labels[start:start + chunk]
+        sims, nearest = (q @ bank.T).topk(k_max, dim=1)
+        neighbour_labels = bank_labels[nearest]
+        for i, k in enumerate(ks):
+            k = min(k, k_max)
+            top5 = min(TOP5, k, num_classes)
+            for j, temperature in enumerate(temperatures):
+                votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=sims.dtype)
+                votes.scatter_add_(1, neighbour_labels[:, :k], (sims[:, :k] / temperature).exp())
+                hits = votes.topk(top5, dim=1).indices == q_labels[:, None]
+                counts[i, j, 0] += int(hits[:, 0].sum())
+                counts[i, j, 1] += int(hits.any(dim=1).sum())
+    return counts
 
-    parser = argparse.ArgumentParser(prog="python -m moca_fast.eval.knn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's output folder (latest)")
-    parser.add_argument("--data", help="folder with train/ and val/ class sub-folders")
-    parser.add_argument("--train", help="k-NN bank folder (class sub-folders); overrides --data")
-    parser.add_argument("--val", help="k-NN query folder (class sub-folders); overrides --data")
-    parser.add_argument("--k", type=int, default=None, help="neighbours (default: the checkpoint's knn_k)")
-    parser.add_argument("--temperature", type=float, default=None, help="vote temperature (default: knn_temperature)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--output", help="write the result as JSON here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        device = _init_process_group()
-        model, cfg, folder = load_trained_model(args.checkpoint, device)
-        train_root = args.train or (os.path.join(args.data, "train") if args.data else cfg.knn_train)
-        val_root = args.val or (os.path.join(args.data, "val") if args.data else cfg.knn_val)
-        if train_root is None or val_root is None:
-            if cfg.data is not None:
-                raise ConfigError("give --data DIR (with train/ and val/) or --train DIR --val DIR")
-            from moca_fast.data.demo import prepare_demo
 
-            demo = prepare_demo()
-            train_root, val_root = train_root or demo.knn_train, val_root or demo.knn_val
-        for name, root in (("train", train_root), ("val", val_root)):
-            if not Path(root).is_dir():
-                raise ConfigError(f"k-NN {name} folder {root} does not exist")
-        if args.batch_size:
-            cfg = cfg.replace(batch_size=args.batch_size)
-        rank, world = _world()
-        loaders = build_knn_loaders(cfg, train_root, val_root, rank, world, device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        result = knn_accuracy(model, *loaders, k=args.k or cfg.knn_k,
-                              temperature=args.temperature or cfg.knn_temperature, dtype=dtype)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result["checkpoint"] = str(folder)
-    if rank == 0:
-        print(json.dumps(result))
-        if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=1))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+def _evaluate(argv, prog):
+    from moca_fast.eval import cli
+    from moca_fast.eval.data import extract
+    from moca_fast.eval.source import TeacherTokens
+
+    p = cli.parser("knn", "k-NN sweep on the teacher's L2-normalised [AVG] features (DINO voting, official grid).",
+                   prog)
+    p.add_argument("--k", type=int, nargs="+", default=list(SWEEP_K), help="neighbour counts to sweep")
+    p.add_argument("--temperature", type=float, nargs="+", default=list(SWEEP_TEMPERATURES),
+                   help="vote temperatures to sweep")
+    args = p.parse_args(argv)
+    for k in args.k:
+        cli.positive("--k", k)
+    for t in args.temperature:
+        if not t > 0:
+            raise cli.ConfigError(f"--temperature {t} must be > 0")
+    s = cli.Session(args, default_batch=256)
+    tokens = TeacherTokens(s.teacher.encoder)
+    avg = {"avg": lambda pre, normed: F.normalize(normed[:, 1:].mean(dim=1), dim=1)}
+    bank, bank_labels = extract(tokens, s.splits.train, s.cfg, s.device, s.batch_size, "k-NN train features", avg)
+    queries, query_labels = extract(tokens, s.splits.val, s.cfg, s.device, s.batch_size, "k-NN val features", avg)
+    mine = slice(s.rank, None, s.world_size)  # each rank votes for its share of the queries
+    counts = knn_sweep_correct(bank["avg"], bank_labels, queries["avg"][mine], query_labels[mine], args.k,
+                               args.temperature, len(s.splits.classes)).to(bank_labels.device)
+    if s.world_size > 1:
+        dist.all_reduce(counts)
+    total = len(s.splits.val)
+    cells = [{"k": k, "temperature": t, "top1": 100.0 * float(counts[i, j, 0]) / total,
+              "top5": 100.0 * float(counts[i, j, 1]) / total}
+             for i, k in enumerate(args.k) for j, t in enumerate(args.temperature)]
+    best = max(cells, key=lambda c: c["top1"])  # the first of equal cells
+    result = {"top1": best["top1"], "top5": best["top5"], "k": best["k"], "temperature": best["temperature"],
+              "cells": cells, "train_images": len(s.splits.train), "val_images": total,
+              "checkpoint": s.teacher.source}
+    summary = (f"k-NN: top-1 {best['top1']:.2f} % (top-5 {best['top5']:.2f} %) at k={best['k']}, "
+               f"T={best['temperature']:g}, best of {len(cells)} settings; {total} val images")
+    return cli.output_of(args, s), result, summary
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from moca_fast.eval import cli
+
+    return cli.run("knn", lambda a: _evaluate(a, prog), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m moca_fast.eval.knn"))

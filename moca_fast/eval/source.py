@@ -1,0 +1,151 @@
+"""The teacher encoder to evaluate, from any source the evaluation commands accept.
+
+  --checkpoint RUN_OR_CHECKPOINT_FOLDER        a launch/train.py run (its latest checkpoint) or a checkpoint
+  --checkpoint model.pt                        our model file (python -m moca_fast.io import --out)
+  --checkpoint official.pth --preset P         an official valeoai/MOCA checkpoint of preset P's architecture
+  --checkpoint teacher.safetensors|.pth        our timm export (python -m moca_fast.io export)
+  --preset P  (no --checkpoint)                preset P randomly initialised as training starts (seed 0)
+Every file is read weights-only (safetensors, or torch.load(weights_only=True)).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from moca_fast.config import PRESETS, Config, ConfigError, load_config
+from moca_fast.model.vit import ViTEncoder
+
+#: timm create_model kwargs of an export -> our Config fields
+_TIMM_TO_CONFIG = ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+@dataclass
+class Teacher:
+    """The teacher ViT (fp32, eval mode), the config of its sizes, and a description of the source."""
+
+    encoder: ViTEncoder
+    cfg: Config
+    source: str
+
+
+def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
+    if checkpoint is None:
+        if preset is None:
+            raise ConfigError("give --checkpoint (run folder, checkpoint folder or file) or --preset")
+        cfg = _preset(preset)
+        from moca_fast.model.moca import MOCA
+
+        torch.manual_seed(cfg.seed)  # as launch/train.py does before building the model
+        teacher = Teacher(MOCA(cfg, 1).teacher, cfg, f"preset {preset} at random initialisation (seed {cfg.seed})")
+    elif not Path(checkpoint).exists():
+        raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder, run folder or file (no such path)")
+    elif Path(checkpoint).is_dir():
+        teacher = _from_folder(checkpoint)
+    elif Path(checkpoint).suffix == ".safetensors":
+        teacher = _from_safetensors(Path(checkpoint))
+    else:
+        teacher = _from_file(Path(checkpoint), preset)
+    teacher.encoder = teacher.encoder.to(device).float().eval().requires_grad_(False)
+    return teacher
+
+
+def _preset(preset: str) -> Config:
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    return load_config(preset)
+
+
+def _weights_mismatch(path, e: RuntimeError) -> ConfigError:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+    return ConfigError(f"--checkpoint {path}: weights of another architecture ({detail[:200]})")
+
+
+def _from_folder(folder: str) -> Teacher:
+    from moca_fast.train.checkpoint import load_trained_model
+
+    try:
+        model, cfg, found = load_trained_model(folder, "cpu")
+    except RuntimeError as e:  # load_state_dict: the saved weights do not fit the saved config
+        raise _weights_mismatch(folder, e) from None
+    return Teacher(model.teacher, cfg, f"checkpoint {found}")
+
+
+def _from_file(path: Path, preset: str | None) -> Teacher:
+    from moca_fast.io import load_model, load_official
+    from moca_fast.io.native import is_native
+    from moca_fast.io.official import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if is_native(ckpt):
+        model = load_model(path)
+        return Teacher(model.teacher, model.config, f"model file {path}")
+    if "timm_model" in ckpt and "state_dict" in ckpt:
+        return _timm_teacher(path, ckpt["state_dict"], ckpt.get("timm_kwargs") or {})
+    if "model" in ckpt:
+        if preset is None:
+            raise ConfigError(f"--checkpoint {path}: an official checkpoint needs --preset "
+                              f"(one of {', '.join(sorted(PRESETS))})")
+        _preset(preset)
+        model = load_official(path, preset)
+        return Teacher(model.teacher, model.config, f"official checkpoint {path} (preset {preset})")
+    raise ConfigError(f"--checkpoint {path}: not a moca_fast model file, timm export or official MOCA checkpoint "
+                      f"(keys: {', '.join(map(str, list(ckpt)[:6])) or 'none'})")
+
+
+def _from_safetensors(path: Path) -> Teacher:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"--checkpoint {path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+    if "timm_kwargs" not in meta:
+        raise ConfigError(f"--checkpoint {path}: no timm_kwargs metadata (not written by python -m moca_fast.io export)")
+    return _timm_teacher(path, state, json.loads(meta["timm_kwargs"]))
+
+
+def _timm_teacher(path: Path, state: dict, kwargs: dict) -> Teacher:
+    """Our timm export uses our own parameter names, so it loads straight into our ViT."""
+    sizes = {k: kwargs[k] for k in _TIMM_TO_CONFIG if k in kwargs}
+    cfg = replace(Config(), **sizes)
+    encoder = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                         cfg.mlp_ratio, cfg.norm_eps)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise _weights_mismatch(path, e) from None
+    return Teacher(encoder, cfg, f"timm export {path}")
+
+
+class TeacherTokens(nn.Module):
+    """x [B, 3, H, W] -> (tokens before the final LayerNorm, after it), each [B, 1 + L, C] fp32, [CLS] first.
+
+    The pre-norm tokens are read by a hook on the final LayerNorm, so the encoder's own forward runs unchanged.
+    """
+
+    def __init__(self, encoder: ViTEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self._pre: torch.Tensor | None = None
+        encoder.norm.register_forward_hook(self._keep_input)
+
+    def _keep_input(self, module, inputs, output) -> None:
+        self._pre = inputs[0]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, final = self.encoder(x)
+        else:
+            _, final = self.encoder(x)
+        pre, self._pre = self._pre, None
+        return pre.float(), final.float()
