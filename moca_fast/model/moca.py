@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from moca_fast.config import Config, load_config
+from moca_fast.distributed import rank_and_world
 from moca_fast.model.attention import resolve_backend
 from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.heads import DenseDecoder, PrototypeGenerator
@@ -18,10 +18,6 @@ from moca_fast.model.vit import ViTEncoder
 log = logging.getLogger(__name__)
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class MOCA(nn.Module):
     """The MOCA pretraining model; `forward` returns the weighted loss of one (micro-)step."""
 
@@ -30,7 +26,7 @@ class MOCA(nn.Module):
 
     def __init__(self, cfg: Config, world_size: int | None = None):
         super().__init__()
-        self.config = cfg.validate(world_size or _world_size())
+        self.config = cfg.validate(world_size or rank_and_world()[1])
         vit_args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                         mlp_ratio=cfg.mlp_ratio, eps=cfg.norm_eps)
@@ -143,9 +139,6 @@ class MOCA(nn.Module):
                                                  cfg.impl)
         loss = loss_img * cfg.img_weight + loss_loc * cfg.loc_weight
         return loss, {"img": loss_img.detach(), "loc": loss_loc.detach()}
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
 
 
 def build_model(preset: str = "vit_base_dec2", world_size: int | None = None, **overrides) -> MOCA:

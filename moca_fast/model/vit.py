@@ -111,10 +111,6 @@ class ViTEncoder(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def set_attention_backend(self, backend: str) -> None:
-        for blk in self.blocks:
-            blk.attn.backend = backend
-
     def forward(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None,
                 intermediate_block: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Runs the encoder on all tokens, or only on the visible ones.
