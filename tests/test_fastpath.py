@@ -2,7 +2,7 @@
 fast-prepared model against the reference path (impl=reference on both sides, so only
 prepare_fast differs; the fused kernels have their own tests). torch.compile of the blocks is traced
 here with the "aot_eager" backend. Inductor compiles them (to C++ on the CPU) in the trainer's engine
-test (tests/test_engine.py); its Triton code for the GPU runs only on a device (bench/device_speed.sh).
+test (tests/test_engine.py); its Triton code for the GPU runs only on a device (bench/device_check.sh).
 """
 import copy
 
