@@ -11,7 +11,7 @@ cp -r moca_fast "$DEVICE_SITE/moca_fast"
 rm -rf "$DEVICE_SITE/moca_fast/kernels"
 cp -r kernels "$DEVICE_SITE/moca_fast/kernels"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    timeout 120 python3 -P -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$DEVICE_SITE" \
+    timeout 30 python3 -P -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$DEVICE_SITE" \
         .whl/*.whl \
         && echo "carried wheels: installed $(ls .whl | tr '\n' ' ')" \
         || echo "carried wheels: install failed (the trainer variants will report deepspeed missing)"

@@ -37,4 +37,4 @@ def test_device_check_dry_run_reports_every_stage_from_the_assembled_package(tmp
     heads = ["== 1. environment", "== 2-3. fused ops", "== 4. training step", "== summary"]
     assert all(h in text for h in heads) and [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
     assert f"moca_fast: {env['moca_fast']}" in text
-    assert text.rstrip().splitlines()[-1].startswith("step trainer_fast_zero0")
+    assert text.rstrip().splitlines()[-1].startswith("step trainer_zero0")
