@@ -163,9 +163,11 @@ def preset_name(args) -> str:
     return args.preset or ("tiny" if args.small else "vit_base_dec2")
 
 
-def run_variants(names, run_one, device: torch.device, unavailable: type[Exception]) -> dict[str, dict]:
+def run_variants(names, run_one, device: torch.device, unavailable: type[Exception],
+                 after_each=None) -> dict[str, dict]:
     """{name: run_one(name)} over the variants; a variant that raises `unavailable` or fails is reported
-    in its "status" without hiding the others' results. Device memory is freed after each."""
+    in its "status" without hiding the others' results. Device memory is freed after each, and
+    after_each(results so far) called (e.g. to write them: a run cut short keeps what it finished)."""
     import traceback
 
     results = {}
@@ -178,4 +180,6 @@ def run_variants(names, run_one, device: torch.device, unavailable: type[Excepti
             traceback.print_exc()
             results[name] = {"status": f"failed: {first_line(e)}"}
         free_memory(device)
+        if after_each is not None:
+            after_each(results)
     return results

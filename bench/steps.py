@@ -12,6 +12,9 @@ grad-norm clip 0.1 -> AdamW -> codebook update (inside the model's forward). Var
   engine that `deepspeed launch/train.py` builds (ZeRO-2, bf16 weights with fp32 masters, fused
   AdamW on CUDA, no autocast) with impl=reference / impl=fast and the trainer's fast-path pieces:
   what a user's run gets, DeepSpeed's own costs included. They need deepspeed to import;
+- trainer_zero0, trainer_fast_zero0: the same with zero_stage=0 (no partitioning: DeepSpeed's bf16
+  optimiser wrapper over the whole model, no per-parameter ZeRO bookkeeping). Not in the default
+  list; bench/device_check.sh names them;
 - trainer_fast_recompute: trainer_fast with activation_memory_budget=0.8 (the compiled blocks
   recompute their LayerNorm and GELU outputs in the backward: less memory, some more work).
 The views arrive as float32 and are cast to bf16 in the step, as the trainer does.
@@ -39,6 +42,7 @@ class VariantSpec:
     fused_adamw: bool
     summary: str
     trainer: bool = False
+    zero_stage: int = 2  # the trainer variants' ZeRO stage
 
 
 VARIANTS = {
@@ -51,11 +55,16 @@ VARIANTS = {
                                 "the trainer's DeepSpeed step, impl=fast", trainer=True),
     "trainer_fast_recompute": VariantSpec("fast", FastOptions(bf16_weights=False, activation_memory_budget=0.8),
                                           True, "trainer_fast, activation_memory_budget=0.8", trainer=True),
+    "trainer_zero0": VariantSpec("reference", None, True, "trainer with zero_stage=0", trainer=True, zero_stage=0),
+    "trainer_fast_zero0": VariantSpec("fast", FastOptions(bf16_weights=False), True,
+                                      "trainer_fast with zero_stage=0", trainer=True, zero_stage=0),
 }
 #: what every variant computes in
 PRECISION = "bf16 (autocast over fp32 or bf16 weights; the trainer variants: DeepSpeed's bf16 weights)"
 #: variants that differ from another (fast, trainer_fast) only when the blocks are compiled
 COMPILE_ONLY = ("fast_eager", "trainer_fast_recompute")
+#: variants run only when named (--variants)
+ON_REQUEST = ("trainer_zero0", "trainer_fast_zero0")
 
 
 class VariantUnavailable(RuntimeError):
@@ -131,7 +140,7 @@ class TrainStep:
 
 class TrainerStep:
     """The trainer's step: build_engine and train_step exactly as moca_fast.train.loop uses them, on a
-    one-rank process group (NCCL on CUDA, gloo on the CPU), bf16, ZeRO-2."""
+    one-rank process group (NCCL on CUDA, gloo on the CPU), bf16, the spec's ZeRO stage."""
 
     def __init__(self, spec: VariantSpec, cfg: Config, device: torch.device):
         try:
@@ -145,7 +154,8 @@ class TrainerStep:
             raise VariantUnavailable(f"the trainer picks {dist_info.device}, the benchmark runs on {device}")
         fast = spec.fast or FastOptions(compile_blocks=False)
         cfg = cfg.replace(impl=spec.impl, compile_blocks="on" if fast.compile_blocks else "off",
-                          activation_memory_budget=fast.activation_memory_budget, precision="bf16", zero_stage=2)
+                          activation_memory_budget=fast.activation_memory_budget, precision="bf16",
+                          zero_stage=spec.zero_stage)
         self.spec, self.device = spec, device
         self.engine, _ = build_engine(MOCA(cfg, world_size=1), cfg, dist_info, "bf16")
         self.attention_backend = self.engine.module.attention_backend

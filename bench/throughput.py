@@ -27,8 +27,8 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_i
                     format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
                     preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
-from steps import (COMPILE_ONLY, PRECISION, VARIANTS, Batches, VariantUnavailable, fused_kernels_missing,  # noqa: E402
-                   make_step)
+from steps import (COMPILE_ONLY, ON_REQUEST, PRECISION, VARIANTS, Batches, VariantUnavailable,  # noqa: E402
+                   fused_kernels_missing, make_step)
 from moca_fast.config import Config, ConfigError, load_config  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="image pairs per step (default 256; 2 with --small)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 2 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 3; 1)")
-    p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: all; "
-                                                      f"without compilation {', '.join(COMPILE_ONLY)} are left out)")
+    p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: all but "
+                                                      f"{', '.join(ON_REQUEST)}; without compilation "
+                                                      f"{', '.join(COMPILE_ONLY)} are left out too)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the blocks in the fast variants (auto: on CUDA only)")
     p.add_argument("--data", default=None, help="image folder: time the real loader (build_train_loader) in the loop")
@@ -69,7 +70,7 @@ def resolve(args: argparse.Namespace):
         overrides["num_workers"] = args.workers
     cfg = load_config(preset, overrides=overrides).validate(1)
     compile_blocks = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    default = [n for n in VARIANTS if compile_blocks or n not in COMPILE_ONLY]
+    default = [n for n in VARIANTS if n not in ON_REQUEST and (compile_blocks or n not in COMPILE_ONLY)]
     names = args.variants.split(",") if args.variants else default
     for n in names:
         if n not in VARIANTS:
@@ -149,17 +150,24 @@ def main(argv=None) -> dict:
     free_memory(device)
     analytic = analytic_step_flops(cfg, B)
 
+    def add_rates(results: dict) -> dict:
+        """img/s, achieved TFLOP/s, MFU of the variants that ran, and their speed-up over the reference."""
+        for r in results.values():
+            if r["status"] == "ok":
+                r["img_per_s"] = B / (r["step_ms_median"] / 1e3)
+                r["achieved_tflops"] = flops / (r["step_ms_median"] / 1e3) / 1e12
+                r["mfu"] = r["achieved_tflops"] / peak["peak_tflops"]
+        ref = results.get("reference", {}).get("img_per_s")
+        for r in results.values():
+            if ref and r.get("img_per_s"):
+                r["speedup_vs_reference"] = r["img_per_s"] / ref
+        return results
+
     results = run_variants(names, lambda name: run_variant(name, cfg, device, batches, warmup, steps,
-                                                           compile_blocks), device, VariantUnavailable)
-    for r in results.values():
-        if r["status"] == "ok":
-            r["img_per_s"] = B / (r["step_ms_median"] / 1e3)
-            r["achieved_tflops"] = flops / (r["step_ms_median"] / 1e3) / 1e12
-            r["mfu"] = r["achieved_tflops"] / peak["peak_tflops"]
-    ref = results.get("reference", {}).get("img_per_s")
-    for r in results.values():
-        if ref and r.get("img_per_s"):
-            r["speedup_vs_reference"] = r["img_per_s"] / ref
+                                                           compile_blocks), device, VariantUnavailable,
+                           after_each=lambda done: write_json(args.out, {"benchmark": "throughput", "partial": True,
+                                                                         **peak, "variants": add_rates(done)}))
+    add_rates(results)
 
     family = gpu_family(device)
     report = {

@@ -148,7 +148,8 @@ def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, wor
     d_p = torch.zeros(K if need_grad else 0, D, device=f.device, dtype=torch.float32)
     kernel = _kl_fwd_tuned if on_gpu(f.device) else _kl_fwd_kernel
     if need_grad:
-        (f_g, f_scale), (p_g, p_scale) = _gradient_operand(f), _gradient_operand(p)
+        f_scale, p_scale = _gradient_scale(f), _gradient_scale(p)
+        p_g = _gradient_operand(p, p_scale)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
         s = mm_f32(f[r0:r1], p.t())
@@ -164,22 +165,26 @@ def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, wor
                tgt.stride(0), g.stride(0), TEACHER=teacher, WRITE_GRAD=need_grad, BLOCK_K=_block_k(K, f.device))
         if need_grad:
             d_f[r0:r1] = mm_f32(g, p_g)
-            d_p += mm_f32(g.t(), _gradient_operand(f[r0:r1], f_scale)[0])
+            d_p += mm_f32(g.t(), _gradient_operand(f[r0:r1], f_scale))
     if need_grad:
         d_f.mul_(p_scale * (kappa / M))
         d_p.mul_(f_scale * (kappa / M))
     return kl.sum() / M, d_f, d_p
 
 
-def _gradient_operand(t: torch.Tensor, scale: Optional[torch.Tensor] = None):
-    """(t / scale in the gradient GEMMs' dtype, scale): bf16 operands go to fp16, exactly (8 significant bits fit
-    in 11) once divided by a power of two that brings max |t| into fp16's range (computed on the device, no
-    sync), so that the logits' gradient G can be fp16 too: 2^-11 relative rounding instead of bf16's 2^-8."""
+def _gradient_scale(t: torch.Tensor) -> torch.Tensor:
+    """The power of two that brings max |t| of a bf16 operand into fp16's range (on the device, no sync); 1 else."""
     if t.dtype != torch.bfloat16:
-        return t, torch.ones((), device=t.device)
-    if scale is None:
-        scale = torch.exp2(torch.ceil(torch.log2(t.abs().amax().float() / 2.0**14)).clamp_min(0.0))
-    return (t / scale.to(t.dtype)).to(torch.float16), scale
+        return torch.ones((), device=t.device)
+    return torch.exp2(torch.ceil(torch.log2(t.abs().amax().float() / 2.0**14)).clamp_min(0.0))
+
+
+def _gradient_operand(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale in the gradient GEMMs' dtype: bf16 operands go to fp16, exactly (8 significant bits fit in 11),
+    so that the logits' gradient G can be fp16 too: 2^-11 relative rounding instead of bf16's 2^-8."""
+    if t.dtype != torch.bfloat16:
+        return t
+    return (t / scale.to(t.dtype)).to(torch.float16)
 
 
 @torch.library.custom_op("moca_fast::soft_target_kl", mutates_args=())

@@ -71,6 +71,7 @@ class Config:
     momentum_start: float = 0.994
     momentum_cosine: bool = True
     adam_betas: tuple = (0.9, 0.999)
+    # 0 (no partitioning: DeepSpeed's bf16 wrapper, fp32 masters; with grad_accum > 1 the gradients sum in bf16), 1, 2
     zero_stage: int = 2
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
     seed: int = 0

@@ -1,6 +1,7 @@
-"""DeepSpeed config generation and user-config precedence; the real engine in bf16 (CPU, ZeRO-1 and 2):
-teacher and codebook stay fp32, the optimiser updates the student only, the teacher EMA and the
-codebook update run once per optimiser step under gradient accumulation."""
+"""DeepSpeed config generation and user-config precedence; the real engine in bf16 (CPU, ZeRO 0, 1 and 2):
+the student (generators included) is bf16 with fp32 masters, teacher and codebook stay fp32, the optimiser
+updates the student only, the teacher EMA and the codebook update run once per optimiser step under
+gradient accumulation; ZeRO 0 also resumes from a checkpoint bit-exactly."""
 import math
 import os
 import socket
@@ -88,7 +89,11 @@ def _engine_facts(rank, port, zero_stage, results):
     model = engine.module
     batchnorm = model.img_generator.mlp[1]
     facts = {
-        "student_bf16": all(p.dtype == torch.bfloat16 for p in model.encoder.parameters()),
+        "student_bf16": all(p.dtype == torch.bfloat16 for part in (model.encoder, model.decoder, model.img_generator,
+                                                                   model.dense_generator) for p in part.parameters()),
+        "masters_fp32": {p.dtype for g in engine.optimizer.optimizer.param_groups for p in g["params"]},
+        "optimizer": type(engine.optimizer).__name__,
+        "optimizer_clip": engine.optimizer.clip_grad,
         "teacher_fp32_unrounded": all(torch.equal(p, q) for p, q in zip(model.teacher.parameters(),
                                                                         reference.teacher.parameters())),
         "codebook_fp32": all(b.dtype == torch.float32 for b in model.codebook.buffers() if b.is_floating_point()),
@@ -115,22 +120,63 @@ def _engine_facts(rank, port, zero_stage, results):
     facts["teacher_still_fp32"] = all(p.dtype == torch.float32 for p in model.teacher.parameters())
     facts["student_moved"] = any(not torch.equal(p.float(), s0) for p, s0 in zip(model.encoder.parameters(), student0)
                                  if p.requires_grad)
+    if zero_stage == 0:
+        facts["resume_exact"] = _resumes_exactly(engine, cfg, dist_info, momentum)
     results[zero_stage] = facts
 
 
-@pytest.mark.parametrize("zero_stage", [2, 1])
+def _resumes_exactly(engine, cfg, dist_info, momentum) -> bool:
+    """Saves `engine` (moca_fast.train.checkpoint), steps it once more, and steps a second engine, built from
+    other weights and loaded from that checkpoint, on the same batches and seed: same module state and fp32
+    masters, bit for bit."""
+    import tempfile
+
+    from moca_fast.model.moca import MOCA
+    from moca_fast.train.checkpoint import load_checkpoint, save_checkpoint
+    from moca_fast.train.engine import build_engine
+    from moca_fast.train.step import LossTotals, train_step
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)) for _ in range(2)]
+    states = []
+    with tempfile.TemporaryDirectory() as output:
+        folder = save_checkpoint(engine, output, 1, {}, {"world_size": 1}, keep=1)
+        torch.manual_seed(1)
+        second, _ = build_engine(MOCA(cfg, 1), cfg, dist_info, "bf16")
+        load_checkpoint(second, folder, 1)
+        for e in (engine, second):
+            for group in e.optimizer.param_groups:
+                group["lr"] = 1e-3
+            torch.manual_seed(5)  # the same masks and codebook draw
+            train_step(e, iter(batches), momentum, torch.bfloat16, LossTotals(dist_info.device))
+            states.append(({k: v.clone() for k, v in e.module.state_dict().items()},
+                           [p.clone() for group in e.optimizer.optimizer.param_groups for p in group["params"]]))
+    (module_a, masters_a), (module_b, masters_b) = states
+    return (module_a.keys() == module_b.keys() and all(torch.equal(module_a[k], module_b[k]) for k in module_a)
+            and all(torch.equal(a, b) for a, b in zip(masters_a, masters_b)))
+
+
+#: DeepSpeed 0.19.8's optimiser wrapper per ZeRO stage in bf16: ZeRO 0 (no partitioning) takes its bf16 data-parallel
+#: path, FP16_UnfusedOptimizer with bf16 gradients and fp32 master copies (its BF16_Optimizer serves ZeRO-1 with
+#: fp32 gradient accumulation and pipelines only)
+BF16_WRAPPERS = {0: "FP16_UnfusedOptimizer", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer"}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 1, 0])
 def test_bf16_engine_keeps_teacher_and_codebook_fp32_and_updates_once_per_step(zero_stage):
     results = mp.Manager().dict()
     mp.spawn(_engine_facts, args=(_free_port(), zero_stage, results), nprocs=1, join=True)
     facts = results[zero_stage]
     assert facts["student_bf16"] and facts["codebook_fp32"] and facts["batchnorm_stats_match"]
+    assert facts["masters_fp32"] == {torch.float32} and facts["optimizer"] == BF16_WRAPPERS[zero_stage]
     assert facts["teacher_fp32_unrounded"], "DeepSpeed's bf16 cast must not touch the teacher"
-    assert facts["clip"] == 0.1
+    assert facts["clip"] == facts["optimizer_clip"] == 0.1
     assert facts["groups"] == ["decay", "no_decay", "wgen_decay", "wgen_no_decay"]
     assert facts["optimizer_steps"] == 1, "grad_accum=2: two micro-steps, one optimiser step"
     assert facts["codebook_ptr"] == 4, "tiny: 4 new words once per optimiser step, not per micro-step"
     assert facts["teacher_is_one_ema"] and facts["teacher_still_fp32"]
     assert facts["student_moved"] and facts["finite"] == facts["finite"]
+    assert facts.get("resume_exact", zero_stage != 0), "ZeRO 0: a resumed engine steps exactly as the saved one"
 
 
 def _fast_engine_facts(rank, port, results):

@@ -2,7 +2,7 @@
 fast-prepared model against the reference path (impl=reference on both sides, so only
 prepare_fast differs; the fused kernels have their own tests). torch.compile of the blocks is traced
 here with the "aot_eager" backend. Inductor compiles them (to C++ on the CPU) in the trainer's engine
-test (tests/test_engine.py); its Triton code for the GPU runs only on a device (bench/device_speed.sh).
+test (tests/test_engine.py); its Triton code for the GPU runs only on a device (bench/device_check.sh).
 """
 import copy
 
@@ -28,16 +28,21 @@ def test_matmul_patch_embed_equals_conv():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32: summation order only
 
 
+def _float_dtypes(part: nn.Module) -> set[torch.dtype]:
+    return {t.dtype for t in list(part.parameters()) + list(part.buffers()) if t.is_floating_point()}
+
+
 def test_prepare_fast_keeps_names_and_fp32_teacher():
+    """bf16 weights: encoder and decoder; teacher, generators and codebook fp32 (in the trainer DeepSpeed casts the
+    generators too: tests/test_engine.py)."""
     model = build_model("tiny")
     names = set(model.state_dict())
     prepare_fast(model, EAGER)
     assert set(model.state_dict()) == names
-    assert {p.dtype for p in model.encoder.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    for part in (model.encoder, model.decoder):
+        assert _float_dtypes(part) == {torch.bfloat16}
     for part in (model.teacher, model.img_generator, model.dense_generator, model.codebook):
-        assert {t.dtype for t in list(part.parameters()) + list(part.buffers()) if t.is_floating_point()} \
-            == {torch.float32}
+        assert _float_dtypes(part) == {torch.float32}
 
 
 def test_trainer_fast_options_follow_impl_compile_setting_and_device():

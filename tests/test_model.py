@@ -93,9 +93,9 @@ def test_targets_use_previous_steps_dist_norm(monkeypatch):
     seen = []
     original = moca_module.teacher_targets
 
-    def spy(t1, t2, words, inv_temp, interior, impl):
+    def spy(t1, t2, words, inv_temp, interior, impl, products=None):
         seen.append((inv_temp.item(), words.clone()))
-        return original(t1, t2, words, inv_temp, interior, impl)
+        return original(t1, t2, words, inv_temp, interior, impl, products)
 
     monkeypatch.setattr(moca_module, "teacher_targets", spy)
     model(*_views(model), momentum=0.99)

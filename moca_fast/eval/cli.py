@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from moca_fast.config import ConfigError
-from moca_fast.eval.data import Splits, load_splits, split_roots, world
+from moca_fast.distributed import rank_and_world
+from moca_fast.eval.data import Splits, load_splits, split_roots
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
 
@@ -65,7 +66,7 @@ class Session:
             torch.cuda.set_device(self.device)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.rank, self.world_size = world()
+        self.rank, self.world_size = rank_and_world()
         self.batch_size = positive("--batch-size", args.batch_size) or default_batch
         self.teacher: Teacher = load_teacher(args.checkpoint, args.preset, self.device)
         cfg = self.teacher.cfg.replace(batch_size=self.batch_size)

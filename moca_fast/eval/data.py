@@ -12,19 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from moca_fast.config import Config, ConfigError
 from moca_fast.data import build_eval_loader, scan_on_rank0
 from moca_fast.data.scan import ImageList, open_rgb
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from moca_fast.distributed import rank_and_world
 
 
 @dataclass
@@ -94,7 +88,7 @@ def extract(tokens_fn, images: ImageList, cfg: Config, device, batch_size: int, 
     tokens_fn: x -> (pre-norm tokens, normed tokens) [B, 1 + L, C]; features: {name: fn(pre, normed) -> [B, D]}.
     Returns ({name: [N, D] fp32 in image order}, labels [N]) on every rank.
     """
-    rank, world_size = world()
+    rank, world_size = rank_and_world()
     loader = build_eval_loader(images, cfg, rank, world_size, device, batch_size)
     parts: dict[str, list] = {name: [] for name in features}
     indices = []
@@ -130,7 +124,7 @@ class _Labelled(Dataset):
 
 def train_loader(images: ImageList, transform, batch_size: int, num_workers: int, seed: int, device) -> DataLoader:
     """Shuffled (seeded, per epoch: call loader.sampler.set_epoch), this rank's share, incomplete batch dropped."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world()
     sampler = DistributedSampler(_Labelled(images, transform), num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
     if len(sampler) < batch_size:

@@ -19,15 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moca_fast.distributed import rank_and_world
+
 log = logging.getLogger("moca_fast.eval")
 
 TOP5 = 5
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -53,7 +49,7 @@ def extract_features(model, loader, dtype: torch.dtype = torch.float32):
 
 def gather_bank(feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, num_images: int):
     """All ranks' (features [n_r, C], labels, indices) -> the full ([N, C], [N]) on every rank, by index."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world > 1:
         count = torch.tensor([feats.shape[0]], device=feats.device)
         counts = [torch.zeros_like(count) for _ in range(world)]
@@ -109,7 +105,7 @@ def knn_accuracy(model, train_loader, val_loader, k: int = 20, temperature: floa
                          f"({len(train_loader.classes)} vs {len(val_loader.classes)})")
     c1, c5 = knn_correct(bank, bank_labels, queries, query_labels, k, temperature, num_classes)
     counts = torch.tensor([c1, c5, queries.shape[0]], dtype=torch.float64, device=bank.device)
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(counts)
     c1, c5, total = counts.tolist()
     return {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total, "k": k, "temperature": temperature,

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moca_fast.distributed import rank_and_world
+
 NORM_EPS = 1e-5
 
 
@@ -20,12 +22,6 @@ def interior_token_ids(grid_size: int, offset: int, device=None) -> torch.Tensor
     if offset > 0:
         ids = ids[offset:-offset, offset:-offset]
     return ids.reshape(-1)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class OnlineCodebook(nn.Module):
@@ -52,7 +48,7 @@ class OnlineCodebook(nn.Module):
         """EMA of |mean over tokens of (max_K cos - mean_K cos)|, one update per element of `stats` (a scalar
         or one per view, in order), each statistic averaged over ranks (one all-reduce for all of them)."""
         stats = stats.detach().float().abs().reshape(-1).clone()
-        _, world = _world()
+        _, world = rank_and_world()
         if world > 1:
             dist.all_reduce(stats)
             stats /= world
@@ -78,7 +74,7 @@ class OnlineCodebook(nn.Module):
     def step(self, tokens: torch.Tensor) -> None:
         """End-of-step update: draw this rank's words, make them identical on all ranks, enqueue them,
         and make the current dist_norm the one the next step uses. tokens: [N, L, C]."""
-        rank, world = _world()
+        rank, world = rank_and_world()
         new = self.draw_words(tokens, self.num_new_words // world)
         if world > 1:
             if self.sync == "gather":

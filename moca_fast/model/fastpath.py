@@ -5,7 +5,13 @@
 - bf16 student encoder and decoder weights, with fp32 masters kept by `MixedPrecisionAdamW`: no
   per-call weight casts, and the residual stream stays bf16 (with fp32 weights under autocast it
   is fp32). The teacher keeps fp32 weights (its EMA accumulates in fp32, DESIGN §1) and runs
-  under autocast; the generators (K rows) and the codebook stay fp32;
+  under autocast; the generators (K rows, run under autocast) and the codebook stay fp32.
+  The trainer differs there: DeepSpeed's bf16 mode casts every parameter of its module, the
+  generators' included (their fp32 masters live in its optimiser), and the engine puts back only
+  the teacher and the codebook (moca_fast.train.engine; tests/test_engine.py checks both). Casting
+  the generators here too was tried: on the tiny model the BatchNorm bias gradient then moves by
+  6.3e-2 relative from the reference, past test_fast_prepared_model_matches_reference's 5e-2 bar, so
+  here they stay fp32;
 - torch.compile of each transformer block (regional compilation: the blocks share one code object,
   so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
   residual + LayerNorm and the dtype casts. An activation memory budget below 1 lets the

@@ -98,7 +98,9 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
     def init_weights(self) -> None:
-        """Xavier-uniform Linear (patch conv as a Linear), zero biases, LayerNorm 1/0, [CLS] N(0, 0.02)."""
+        """Xavier-uniform Linear (patch conv weight as a Linear), zero Linear biases, LayerNorm 1/0, [CLS]
+        N(0, 0.02). The patch conv's bias keeps nn.Conv2d's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        as in the official code (DESIGN §1)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -108,12 +110,7 @@ class ViTEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-
-    def set_attention_backend(self, backend: str) -> None:
-        for blk in self.blocks:
-            blk.attn.backend = backend
 
     def forward(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None,
                 intermediate_block: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:

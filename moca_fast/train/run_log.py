@@ -125,12 +125,6 @@ class RunLog:
         else:
             log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in record.items() if k != "step"))
 
-    def scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
-        if self.is_main and self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

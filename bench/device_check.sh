@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The whole device check on one lent GPU (H100/H200; torch 2.11, triton 3.6, nothing to download, the
+# project not installed), at most 6 minutes with its set-up. Here first: `bash bench/device_wheels.sh`
+# (fills .whl/ with deepspeed); then with the run tool: command `bash bench/device_check.sh`,
+# carry [".whl"], timeout_s 420 (15 device minutes then allow a rerun).
+#     bash bench/device_check.sh --small   # the same script as a CPU dry run (tiny sizes, Triton interpreter)
+#
+# The report, in this order (only the output's tail comes back, so it is printed at the end):
+#   1. environment: torch, GPU, where moca_fast was imported from, each optional piece (deepspeed from the
+#      carried wheels, xformers, DALI, apex, nvJPEG through torchvision, triton): ok / missing / failed: why;
+#   2. every fused op against its PyTorch reference on the GPU, then 3. kernel timings: eager,
+#      torch.compile(reference) and fused, peak extra memory, floors (bench/kernels.py);
+#   4. the training step, ViT-B/16, batch 256, bf16 (bench/throughput.py): the official-equivalent
+#      reference step, and the trainer's own DeepSpeed step with impl=reference and impl=fast, each with
+#      ZeRO stage 2 and stage 0: img/s, MFU against the matmul ceiling measured in the run, peak memory;
+#   then one summary table of every stage. JSON and each stage's full log go to $OUT.
+# The stages run in order of value, each under its own time limit so one hang cannot take the rest: the
+# environment, then the training step (the issue's targets; without deepspeed it times the benches' own
+# fast step instead), then the kernels (whose JSON is rewritten after each row, as throughput's after each
+# variant, so a stage cut short still reports what it finished).
+# Limits in seconds (overridable; they sum to the 6 minutes, what each stage really takes on a GPU is not
+# measured yet): the wheels' install 30 (bench/device_env.sh), ENV_S 30, the deepspeed probe 20, STEP_S 180,
+# KERNELS_S 100. Within the training step the variants run most valuable first, too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMALL=()
+if [ "${1:-}" = "--small" ]; then SMALL=(--small); fi
+OUT=${OUT:-bench_results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+ENV_S=${ENV_S:-30} STEP_S=${STEP_S:-180} KERNELS_S=${KERNELS_S:-100}
+: > "$OUT/stages.tsv"
+
+stage() {  # name limit_s log command...: runs command under its limit, records name, exit status and seconds
+    local name=$1 limit=$2 log=$3 start=$SECONDS
+    shift 3
+    timeout -k 10 "$limit" "$@" > "$log" 2>&1
+    local status=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$limit" >> "$OUT/stages.tsv"
+    return $status
+}
+
+start=$SECONDS
+source bench/device_env.sh > "$OUT/setup.log" 2>&1
+printf 'setup\t0\t%s\t-\n' "$((SECONDS - start))" >> "$OUT/stages.tsv"
+
+stage environment "$ENV_S" "$OUT/env.log" python3 -P bench/device_report.py env --out "$OUT/env.json"
+if timeout 20 python3 -P -c "import deepspeed" > /dev/null 2>&1; then
+    variants=reference,trainer_fast,trainer_fast_zero0,trainer,trainer_zero0
+else
+    variants=reference,fast
+fi
+STEPS=()
+if [ ${#SMALL[@]} -gt 0 ]; then STEPS=(--steps 1); fi  # the dry run: one timed step (interpreted kernels are slow)
+stage training_step "$STEP_S" "$OUT/throughput.log" \
+    python3 bench/throughput.py "${SMALL[@]}" "${STEPS[@]}" --variants "$variants" --out "$OUT/throughput.json"
+stage kernels "$KERNELS_S" "$OUT/kernels.log" python3 bench/kernels.py "${SMALL[@]}" --out "$OUT/kernels.json"
+rm -rf "$DEVICE_SITE"
+
+echo "== 1. environment ($(tail -n 1 "$OUT/setup.log"))"
+cat "$OUT/env.log"
+echo "== 2-3. fused ops vs reference, kernel timings: bench/kernels.py (log $OUT/kernels.log)"
+grep -v -e '^\[' -e '^wrote ' "$OUT/kernels.log" | tail -n 40
+echo "== 4. training step: bench/throughput.py --variants $variants (log $OUT/throughput.log)"
+grep -v -e '^wrote ' "$OUT/throughput.log" | tail -n 14
+python3 -P bench/device_report.py summary "$OUT"
+! cut -f2 "$OUT/stages.tsv" | grep -qv '^0$'
