@@ -11,6 +11,14 @@ total loss, the teacher codes and bag-of-words, dist_norm after the step, and ev
 Exit status 1 when any of them exceeds 1e-5 relative.
 
 --write-golden DIR writes the checkpoint and the official outputs for tests/test_parity_golden.py.
+
+    python scripts/parity_official.py /path/to/MOCA-checkout --steps 32 [--setup tiny vit_b] [--accum 1 2]
+
+trains both for N optimiser steps instead (scripts/parity_training.py: the official train_one_epoch
+against our train_step on the DeepSpeed engine, same weights, batches, masks and codebook draws) and
+prints a per-step table and the worst relative difference per quantity next to the official code's own
+difference under a permuted batch. Exit status 1 when ours exceeds the bound (parity_training.bounded).
+With --write-golden DIR it also writes the golden file of tests/test_parity_training_golden.py.
 """
 from __future__ import annotations
 
@@ -171,9 +179,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("official_dir", type=Path, help="checkout of github.com/valeoai/MOCA")
     parser.add_argument("--write-golden", type=Path, metavar="DIR", help="write the golden files here")
+    parser.add_argument("--steps", type=int, default=0, metavar="N", help="train N optimiser steps (0: one step)")
+    parser.add_argument("--setup", nargs="+", default=["tiny"], choices=["tiny", "vit_b"])
+    parser.add_argument("--accum", nargs="+", type=int, default=[1, 2], help="gradient accumulation steps")
+    parser.add_argument("--steps-per-epoch", type=int, default=10, help="optimiser steps per epoch")
+    parser.add_argument("--noise-runs", type=int, default=2, help="official runs with permuted batches")
     opts = parser.parse_args(argv)
     if not (opts.official_dir / "models_moca.py").is_file():
         parser.error(f"{opts.official_dir}: no models_moca.py (not a valeoai/MOCA checkout)")
+    if opts.steps:
+        import parity_training
+
+        return parity_training.main(opts)
     sys.path.insert(0, str(opts.official_dir.resolve()))
     import models_moca
     import util.misc as misc
