@@ -79,7 +79,7 @@ def _unexpected(error: BaseException, output: str | None) -> int:
 
     rank = os.environ.get("RANK", "0")
     where = Path(output or ".")
-    if disk_full(error):
+    if disk_full(error, where):
         written = getattr(error, "filename", None) or where
         print(f"error: no space left on {mount_point(where)} writing {written}; {last_complete(where)}",
               file=sys.stderr)

@@ -150,3 +150,103 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(one_proces
     finally:
         holder.communicate("")
     assert _train(_cfg(out, max_steps=1))["step"] == 1, "the folder is free once the holder has ended"
+
+
+def _launch(argv) -> int:
+    """launch/train.py's main in this process (its exit status)."""
+    import importlib.util
+    import logging
+
+    for handler in logging.getLogger("DeepSpeed").handlers:  # bound to an earlier test's captured stdout
+        handler.stream = sys.stdout
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--preset", "tiny", "--data-backend", "synthetic", "log_every=1", "num_workers=0"] + argv)
+
+
+def _finite_checkpoints(out: Path) -> list[int]:
+    steps = []
+    for folder in sorted((out / "checkpoints").glob("step_*")):
+        state = ckpt.load_model_state(folder)
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), folder
+        steps.append(int(folder.name.split("_")[1]))
+    return steps
+
+
+@pytest.mark.parametrize("blr", ["1e41", "1e20"])
+def test_non_finite_weights_stop_with_status_3_and_are_never_saved(one_process_group, tmp_path, capfd, blr):
+    out = tmp_path / "run"
+    assert _launch(["--output", str(out), "--max-steps", "3", "ckpt_every=1", f"blr={blr}"]) == 3
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: ") and "non-finite" in err[-1] and "stopping without saving" in err[-1], err[-1]
+    kept = _finite_checkpoints(out)
+    assert kept and max(kept) < 3
+
+
+def _torch_save_fails_on_a_full_disk(monkeypatch, after_bytes: int):
+    """torch.save writes `after_bytes` of the file, then fails as its C++ writer does on ENOSPC
+    (a RuntimeError without errno), while statvfs reports the filesystem full."""
+    real_save, real_statvfs = torch.save, os.statvfs
+
+    def save(obj, path, *args, **kwargs):
+        if "trainer_rank" in str(path):
+            Path(path).write_bytes(b"\0" * after_bytes)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, path, *args, **kwargs)
+
+    def statvfs(path):
+        fs = real_statvfs(path)
+        return os.statvfs_result((fs.f_bsize, fs.f_frsize, fs.f_blocks, 0, 0) + tuple(fs)[5:])
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+def test_disk_full_while_writing_a_checkpoint_is_one_line_with_status_4(run, tmp_path, capfd, monkeypatch):
+    out = _copy(run, tmp_path)
+    _torch_save_fails_on_a_full_disk(monkeypatch, 512)
+    assert _launch(["--output", str(out), "--max-steps", "3", "--resume", "auto"]) == 4
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: no space left on /") and "writing " + str(out / "checkpoints" / "step_00000003") \
+        in err[-1] and err[-1].endswith("; step 2 is the last complete checkpoint"), err[-1]
+    assert not list((out / "checkpoints").glob(".*")), "the temporary folder is removed"
+    assert ckpt.resolve_resume("auto", out).name == "step_00000002"
+
+
+def test_a_resume_while_the_disk_is_still_full_is_one_line(run, tmp_path, capfd, monkeypatch):
+    out = _copy(run, tmp_path)
+    real_write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.parent == out or self.name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert _launch(["--output", str(out), "--max-steps", "3", "--resume", "auto"]) == 4
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: no space left on /") and err[-1].endswith(
+        "; step 2 is the last complete checkpoint"), err[-1]
+
+
+def test_an_unexpected_error_is_one_line_naming_the_rank_with_the_traceback_in_the_run_folder(
+        run, tmp_path, capfd, monkeypatch):
+    from moca_fast.train import loop
+
+    out = _copy(run, tmp_path)
+
+    def collective_failed(*args, **kwargs):
+        raise RuntimeError("[gloo] Connection closed by peer (rank 1 died)")
+
+    monkeypatch.setattr(loop, "train_step", collective_failed)
+    assert _launch(["--output", str(out), "--max-steps", "3", "--resume", "auto"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"error: rank 0: RuntimeError: [gloo] Connection closed by peer (rank 1 died); step 2 is the "
+                       f"last complete checkpoint (traceback in {out / 'error_rank0.log'})"), err[-1]
+    assert "collective_failed" in (out / "error_rank0.log").read_text()

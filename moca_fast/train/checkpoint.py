@@ -103,11 +103,11 @@ def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state:
         tmp.mkdir(parents=True)
     barrier()
     device = getattr(engine, "device", torch.device("cpu"))
-    failure = _disk_full_during(lambda: (
+    failure = _disk_full_during(root, lambda: (
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False),
         torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank))))
     if agree(failure is None, device) and rank == 0:
-        failure = _disk_full_during(lambda: _publish(root, tmp, final, name, {**meta, "step": step}, keep))
+        failure = _disk_full_during(root, lambda: _publish(root, tmp, final, name, {**meta, "step": step}, keep))
     if not agree(failure is None, device):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,12 +116,12 @@ def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state:
     return final
 
 
-def _disk_full_during(write) -> BaseException | None:
+def _disk_full_during(root: Path, write) -> BaseException | None:
     """Runs write(); a disk-full error is returned (so every rank can agree on it), others raise."""
     try:
         write()
     except (OSError, RuntimeError) as e:
-        if not disk_full(e):
+        if not disk_full(e, root):
             raise
         return e
     return None

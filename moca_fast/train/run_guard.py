@@ -109,11 +109,22 @@ def non_finite_state(engine, device: torch.device) -> str | None:
     return f"the gradient norm is non-finite ({norm})" if bad_norm else "another rank's weights are non-finite"
 
 
-def disk_full(error: BaseException) -> bool:
-    """ENOSPC (or EDQUOT), raised by Python's I/O or by torch's C++ writer (which loses the errno)."""
-    if isinstance(error, OSError):
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT from Python's I/O; from torch's C++ writer, which loses the errno ("unexpected
+    pos ..."), any write error while the filesystem of `folder` has (almost) no space left."""
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and ("No space left" in str(error) or "file write failed" in str(error))
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        fs = os.statvfs(mount_point(folder))
+    except OSError:
+        return False
+    free_blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may use the reserved blocks
+    return free_blocks * fs.f_frsize < _NEARLY_FULL
+
+
+_NEARLY_FULL = 1 << 20
 
 
 def mount_point(path: Path) -> str:
