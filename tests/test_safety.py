@@ -269,3 +269,20 @@ def test_an_unexpected_error_is_one_line_naming_the_rank_with_the_traceback_in_t
     assert err[-1] == (f"error: rank 0: RuntimeError: [gloo] Connection closed by peer (rank 1 died); step 2 is the "
                        f"last complete checkpoint (traceback in {out / 'error_rank0.log'})"), err[-1]
     assert "collective_failed" in (out / "error_rank0.log").read_text()
+
+
+def test_steps_deepspeed_skips_are_logged_and_reported_at_the_end(one_process_group, tmp_path, capfd, monkeypatch):
+    from moca_fast.train import loop
+
+    real_step = loop.train_step
+
+    def step_counted_as_skipped(engine, *args):  # DeepSpeed's own counter, as on a gradient overflow
+        terms = real_step(engine, *args)
+        engine.skipped_steps += 1
+        return terms
+
+    monkeypatch.setattr(loop, "train_step", step_counted_as_skipped)
+    assert _launch(["--output", str(tmp_path / "run"), "--max-steps", "2"]) == 0
+    captured = capfd.readouterr()
+    assert "DeepSpeed skipped 2 optimiser step(s) so far (gradient overflow)" in captured.err
+    assert "note: DeepSpeed skipped 2 optimiser step(s) on gradient overflow" in captured.out
