@@ -121,6 +121,18 @@ def test_the_clean_checkpoint_loads_weights_only(run):
     assert folder.name == "step_00000002" and cfg.embed_dim == model.config.embed_dim
 
 
+def test_auto_resume_skips_a_truncated_newest_checkpoint_of_a_real_run(run, tmp_path, capfd):
+    out = _copy(run, tmp_path)
+    optimiser = out / "checkpoints" / "step_00000002" / PLANTED["optimiser"]
+    optimiser.write_bytes(optimiser.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="damaged checkpoint .*zero_pp_rank_0_mp_rank_00_optim_states.pt has 1000 bytes"):
+        _train(_cfg(out, max_steps=3), resume=str(out / "checkpoints" / "step_00000002"))
+    capfd.readouterr()
+    assert _train(_cfg(out, max_steps=3), resume="auto")["step"] == 3
+    logged = capfd.readouterr().err
+    assert "skipping checkpoint" in logged and f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in logged
+
+
 def test_changed_settings_on_resume_are_refused_before_anything_loads(run, tmp_path, capfd):
     out = _copy(run, tmp_path)
     with pytest.raises(ConfigError) as refused:
