@@ -96,6 +96,7 @@ class Trainer:
         self.output = Path(cfg.output)
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
+        barrier()
         self.resume_from = ckpt.resolve_resume(resume, self.output)
         if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
             check_resume_settings(ckpt.read_meta(self.resume_from)["config"], cfg.to_dict(), RUN_FIELDS)
