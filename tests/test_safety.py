@@ -175,7 +175,10 @@ def _launch(argv) -> int:
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(["--preset", "tiny", "--data-backend", "synthetic", "log_every=1", "num_workers=0"] + argv)
+    with pytest.MonkeyPatch.context() as mp:  # main ends the process group on success; this module keeps it
+        mp.setattr(torch.distributed, "destroy_process_group", lambda: None)
+        return module.main(["--preset", "tiny", "--data-backend", "synthetic", "log_every=1", "num_workers=0"]
+                           + argv)
 
 
 def _finite_checkpoints(out: Path) -> list[int]:
@@ -298,3 +301,30 @@ def test_steps_deepspeed_skips_are_logged_and_reported_at_the_end(one_process_gr
     captured = capfd.readouterr()
     assert "DeepSpeed skipped 2 optimiser step(s) so far (gradient overflow)" in captured.err
     assert "note: DeepSpeed skipped 2 optimiser step(s) on gradient overflow" in captured.out
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 2.5 MB tmpfs (room for two tiny checkpoints and the run files), if this process may mount one."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (the injected-ENOSPC tests above still run)")
+    yield mount
+    import gc
+
+    gc.collect()  # the failed torch.save's writer sits in a reference cycle that holds its file open
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_filesystem_stops_with_status_4_and_a_resume_too(one_process_group, tiny_tmpfs, capfd):
+    out = tiny_tmpfs / "run"
+    args = ["--output", str(out), "--max-steps", "4", "ckpt_every=1"]
+    expected = (f"error: no space left on {tiny_tmpfs} writing {out / 'checkpoints' / 'step_00000003'}; "
+                f"step 2 is the last complete checkpoint")
+    assert _launch(args) == 4
+    assert capfd.readouterr().err.strip().splitlines()[-1] == expected
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert _launch(args + ["--resume", "auto"]) == 4, "still full: the same line, not a traceback"
+    assert capfd.readouterr().err.strip().splitlines()[-1] == expected

@@ -123,7 +123,7 @@ def _disk_full_during(root: Path, write) -> BaseException | None:
     except (OSError, RuntimeError) as e:
         if not disk_full(e, root):
             raise
-        return e
+        return e.with_traceback(None)  # its frames hold the half-written file open
     return None
 
 
