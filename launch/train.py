@@ -10,20 +10,21 @@ Settings, later wins: preset (--preset, or the `preset:` key of --config; defaul
 demo when neither --data nor a preset/config is given) < --config YAML < the flags below < key=value
 overrides of any moca_fast.config.Config field (e.g. blr=1e-4 zero_stage=1 precision=fp32).
 --deepspeed_config JSON: merged over the generated DeepSpeed config (precedence in moca_fast/train/engine.py).
-Exit status: 0 done or stopped by SIGTERM/SIGINT (checkpoint saved), 2 bad setting, 3 non-finite loss.
+Exit status: 0 done or stopped by SIGTERM/SIGINT (checkpoint saved), 1 any other error (one line; the
+traceback in <output>/error_rankN.log), 2 bad setting, 3 non-finite loss/weights/gradient norm, 4 disk full.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moca_fast.config import ConfigError, load_config, parse_kv  # noqa: E402
 
-EXIT_BAD_SETTING = 2
-EXIT_NON_FINITE = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,10 +71,39 @@ def fresh_output(path: str) -> str:
     return candidate
 
 
+def _unexpected(error: BaseException, output: str | None) -> int:
+    """Any other error: one line naming the rank and the last complete checkpoint, the traceback in
+    <output>/error_rankN.log (on the console if that cannot be written)."""
+    from moca_fast.train.checkpoint import last_complete
+    from moca_fast.train.run_guard import EXIT_DISK_FULL, EXIT_ERROR, disk_full, mount_point
+
+    rank = os.environ.get("RANK", "0")
+    where = Path(output or ".")
+    if disk_full(error, where):
+        written = getattr(error, "filename", None) or where
+        print(f"error: no space left on {mount_point(where)} writing {written}; {last_complete(where)}",
+              file=sys.stderr)
+        return EXIT_DISK_FULL
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    trace = "".join(traceback.format_exception(error))
+    try:
+        log_file = where / f"error_rank{rank}.log"
+        with open(log_file, "a") as f:
+            f.write(trace)
+        kept = f"traceback in {log_file}"
+    except OSError:
+        print(trace, file=sys.stderr)
+        kept = "traceback above"
+    print(f"error: rank {rank}: {type(error).__name__}: {first}; {last_complete(where)} ({kept})", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from moca_fast.train.run_guard import EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError
     from moca_fast.train.step import NonFiniteLossError
 
+    cfg = None
     try:
         cfg = resolve_config(args)
         from moca_fast.train.loop import Trainer
@@ -84,9 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_SETTING
     except NonFiniteLossError as e:
-        print(f"error: {e}; the last good checkpoint is kept", file=sys.stderr)
+        print(f"error: {e}; only checkpoints with finite weights are kept", file=sys.stderr)
         return EXIT_NON_FINITE
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except Exception as e:  # noqa: BLE001 - the edge of the program: one line, not a traceback
+        return _unexpected(e, cfg.output if cfg is not None else args.output)
     if trainer.dist.is_main:
+        if result["skipped_steps"]:
+            print(f"note: DeepSpeed skipped {result['skipped_steps']} optimiser step(s) on gradient overflow")
         if result["stopped_by_signal"]:
             print(f"stopped at step {result['step']}; checkpoint saved, continue with --resume auto")
         elif "knn_top1" in result:

@@ -65,6 +65,18 @@ def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     assert names == ["step_00000030", "step_00000040"]
 
 
+def test_pruning_never_counts_a_damaged_checkpoint(tmp_path):
+    _save(tmp_path, 1, keep=2)
+    damaged = _save(tmp_path, 2, keep=2)
+    _damage_truncate(damaged)
+    _save(tmp_path, 3, keep=2)  # a run resumed from step 1 after skipping the damaged step 2... then saved step 3
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000001", "step_00000002", "step_00000003"], "the good step 1 must survive"
+    _save(tmp_path, 4, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000002", "step_00000003", "step_00000004"]
+
+
 def test_resaving_the_same_step_replaces_it(tmp_path):
     _save(tmp_path, 3)
     again = _save(tmp_path, 3)
@@ -84,8 +96,78 @@ def test_resume_resolution(tmp_path):
     with pytest.raises(ConfigError, match="not a checkpoint folder"):
         ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
+    assert ckpt.resolve_resume("auto", tmp_path) == folder, "auto: the newest complete one, whatever latest says"
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere")
+
+
+def _damage_truncate(folder):
+    model = folder / "deepspeed" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:-3])
+    return "deepspeed/mp_rank_00_model_states.pt has 5 bytes, 8 were written"
+
+
+def _damage_delete_deepspeed(folder):
+    import shutil
+
+    shutil.rmtree(folder / "deepspeed")
+    return "deepspeed/mp_rank_00_model_states.pt is missing"
+
+
+def _damage_flip_a_byte(folder):
+    trainer = ckpt.trainer_file(folder, 0)
+    data = bytearray(trainer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    trainer.write_bytes(bytes(data))
+    return "trainer_rank00000.pt fails its CRC-32 check"
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_delete_deepspeed, _damage_flip_a_byte])
+def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_path, damage, caplog):
+    good = _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    reason = damage(newest)
+    with caplog.at_level("WARNING", logger="moca_fast.train"):
+        assert ckpt.resolve_resume("auto", tmp_path) == good
+    assert f"skipping checkpoint {newest}: {reason}" in caplog.text
+    with pytest.raises(ConfigError, match=f"--resume {newest}: damaged checkpoint \\({reason}\\)"):
+        ckpt.resolve_resume(str(newest), tmp_path)
+    with pytest.raises(ConfigError, match="damaged checkpoint"):
+        ckpt.resolve_resume(str(tmp_path), tmp_path)  # a run folder: its latest, which is damaged
+    damage(good)
+    with pytest.raises(ConfigError, match="no checkpoint verifies: step_00000002 .*; step_00000001 "):
         ckpt.resolve_resume("auto", tmp_path)
+
+
+def test_meta_records_each_file_size_and_crc32(tmp_path):
+    import zlib
+
+    folder = _save(tmp_path, 1)
+    files = json.loads((folder / "meta.json").read_text())["files"]
+    assert set(files) == {"deepspeed/mp_rank_00_model_states.pt", "trainer_rank00000.pt"}
+    trainer = ckpt.trainer_file(folder, 0).read_bytes()
+    assert files["trainer_rank00000.pt"] == {"size": len(trainer), "crc32": f"{zlib.crc32(trainer):08x}"}
+
+
+def test_pruning_hides_a_folder_before_deleting_it(tmp_path, monkeypatch):
+    import shutil
+
+    for step in (1, 2):
+        _save(tmp_path, step, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if ".deleting" in str(path) and (tmp_path / "checkpoints" / ".step_00000001.deleting").exists():
+            raise KeyboardInterrupt  # the process dies half-way through deleting step 1
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, keep=2)
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000002", "step_00000003"], "the half-deleted step 1 no longer looks like a checkpoint"
+    assert ckpt.resolve_resume("auto", tmp_path).name == "step_00000003"
 
 
 def test_meta_is_json_with_world_size(tmp_path):

@@ -20,9 +20,10 @@ from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.cpu_threads import set_intra_op_threads
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, init_distributed, input_dtype,
                                     load_user_deepspeed_config, resolve_precision)
+from moca_fast.train.run_guard import check_resume_settings, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
-from moca_fast.train.step import LossTotals, train_step
+from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
 
 log = logging.getLogger("moca_fast.train")
@@ -97,6 +98,9 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
         barrier()
         self.resume_from = ckpt.resolve_resume(resume, self.output)
+        if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
+            check_resume_settings(ckpt.read_meta(self.resume_from)["config"], cfg.to_dict(), RUN_FIELDS)
+        self.lock = lock_run_folder(self.output, self.dist.is_main, self.dist.device)
         self.precision = resolve_precision(cfg, self.dist.device)
         self.dtype = input_dtype(self.precision)
         user_ds = load_user_deepspeed_config(deepspeed_config) if deepspeed_config else None
@@ -125,6 +129,7 @@ class Trainer:
         self.knn = _knn_data(cfg)
         self.step = 0
         self.last_saved = -1
+        self.skipped_reported = 0
 
     # ------------------------------------------------------------------ set-up
     def _meta(self) -> dict:
@@ -150,10 +155,6 @@ class Trainer:
         if self.resume_from is None:
             return None
         state = ckpt.load_checkpoint(self.engine, self.resume_from, self.dist.world_size)
-        old = ckpt.read_meta(self.resume_from)["config"]
-        changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RUN_FIELDS and old.get(k) != v)
-        if changed:
-            log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         self.step = self.last_saved = state["step"]
         self.loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", self.resume_from, self.step)
@@ -174,8 +175,12 @@ class Trainer:
                                 dtype=self.dtype)
 
     def save(self, run_log: RunLog, totals: LossTotals, interval: dict) -> None:
-        """A checkpoint of the current step; the losses are drained first (raises on non-finite)."""
+        """A checkpoint of the current step; the losses are drained and the weights and gradient norm
+        checked first (raises NonFiniteLossError: no checkpoint of a non-finite state)."""
         self.flush(run_log, totals, interval)
+        problem = non_finite_state(self.engine, self.dist.device)
+        if problem is not None:
+            raise NonFiniteLossError(f"{problem} at step {self.step}; stopping without saving")
         trainer_state = {"step": self.step, "loader": self.loader.state_dict()}
         ckpt.save_checkpoint(self.engine, self.output, self.step, trainer_state, self._meta(),
                              self.cfg.keep_checkpoints)
@@ -193,9 +198,19 @@ class Trainer:
                   "img_per_s": steps * effective_batch_size(self.cfg, self.dist.world_size) / (now - interval["time"])}
         run_log.write(record)
         interval.update(step=self.step, time=now)
+        if self.engine.skipped_steps > self.skipped_reported:  # DeepSpeed's overflow skips (inf/NaN gradients)
+            log.warning("DeepSpeed skipped %d optimiser step(s) so far (gradient overflow)", self.engine.skipped_steps)
+            self.skipped_reported = self.engine.skipped_steps
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict:
         rng = self._restore()
         self._write_run_files()
         if self.knn is not None and self.resume_from is None:
@@ -218,7 +233,7 @@ class Trainer:
         finally:
             stop.restore()
             run_log.close()
-        result = {"step": self.step, "stopped_by_signal": stopped}
+        result = {"step": self.step, "stopped_by_signal": stopped, "skipped_steps": self.engine.skipped_steps}
         if not stopped and self.knn is not None:
             result.update(self._final_eval())
         return result

@@ -1,0 +1,138 @@
+"""What keeps a run from being lost or silently wrong: the run-folder lock, the settings a resume
+may not change, the finiteness check before a checkpoint, disk-full errors, and the exit statuses.
+
+Exit statuses of launch/train.py (README "What is guaranteed"):
+  0 done, or stopped by SIGTERM/SIGINT with a checkpoint saved
+  1 any other error (a rank that died, a failed collective, a bug): one line, traceback in the run log
+  2 a bad setting or input (ConfigError): one line naming it
+  3 non-finite loss, weights or gradient norm: no checkpoint of that state is written
+  4 no space left while writing a checkpoint: the partial folder is removed
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moca_fast.config import ConfigError
+
+log = logging.getLogger("moca_fast.train")
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_SETTING, EXIT_NON_FINITE, EXIT_DISK_FULL = 0, 1, 2, 3, 4
+LOCK = ".lock"
+
+
+def agree(ok: bool, device: torch.device) -> bool:
+    """True on every rank iff `ok` is True on every rank (a collective; no rank is left waiting)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class RunLock:
+    """An exclusive flock on <output>/.lock for the life of the process, holding the holder's pid."""
+
+    def __init__(self, output: Path):
+        self.path = Path(output) / LOCK
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(f"{output} is in use by another run (pid {holder}); wait for it to end or choose "
+                              f"another --output") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    __del__ = release
+
+
+def lock_run_folder(output: Path, is_main: bool, device: torch.device) -> RunLock | None:
+    """Rank 0 takes the lock; every rank learns whether it did (ranks sharing the folder never wait)."""
+    lock, refusal = None, None
+    if is_main:
+        try:
+            lock = RunLock(output)
+        except ConfigError as e:
+            refusal = e
+    if not agree(refusal is None, device):
+        raise refusal or ConfigError(f"{output}: rank 0 could not lock the run folder")
+    return lock
+
+
+# what a field that may change on resume does, for the log
+RUN_FIELD_EFFECTS = {
+    "output": "checkpoints and metrics go to the new folder", "max_steps": "the run stops at the new step",
+    "log_every": "metrics interval", "ckpt_every": "checkpoint interval", "eval_every": "k-NN interval",
+    "keep_checkpoints": "how many checkpoints are kept", "num_workers": "loader processes (same batches)",
+    "compile_blocks": "compilation only", "activation_memory_budget": "recomputation only (same numbers)",
+    "cpu_threads": "intra-op threads only",
+}
+
+
+def check_resume_settings(old: dict, new: dict, run_fields: tuple[str, ...]) -> None:
+    """Refuses (one line, every differing field old -> new) a resume whose settings change what is
+    trained or the data position; logs the allowed changes (run_fields) and what each does."""
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    refused = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ if k not in run_fields]
+    if refused:
+        raise ConfigError(f"the checkpoint was trained with other settings: {', '.join(refused)}; resume with "
+                          f"the checkpoint's values or start a new run")
+    for k in differ:
+        log.info("resuming with %s %r -> %r (%s)", k, old.get(k), new.get(k), RUN_FIELD_EFFECTS.get(k, "allowed"))
+
+
+def non_finite_state(engine, device: torch.device) -> str | None:
+    """Why the engine's state must not be saved (non-finite weights or gradient norm), agreed over
+    ranks; None if it is finite everywhere."""
+    tensors = [t for t in engine.module.state_dict().values() if t.is_floating_point()]
+    bad_weights = sum(int(not torch.isfinite(t).all()) for t in tensors)
+    norm = engine.get_global_grad_norm()
+    bad_norm = norm is not None and not torch.isfinite(torch.as_tensor(norm, dtype=torch.float64)).all()
+    if agree(bad_weights == 0 and not bad_norm, device):
+        return None
+    if bad_weights:
+        return f"{bad_weights} of {len(tensors)} weight tensors are non-finite"
+    return f"the gradient norm is non-finite ({norm})" if bad_norm else "another rank's weights are non-finite"
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT from Python's I/O; from torch's C++ writer, which loses the errno ("unexpected
+    pos ..."), any write error while the filesystem of `folder` has (almost) no space left."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        fs = os.statvfs(mount_point(folder))
+    except OSError:
+        return False
+    free_blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may use the reserved blocks
+    return free_blocks * fs.f_frsize < _NEARLY_FULL
+
+
+_NEARLY_FULL = 1 << 20
+
+
+def mount_point(path: Path) -> str:
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path):
+        path = path.parent
+    return str(path)
+
+
+class DiskFullError(RuntimeError):
+    """No space left while writing; the message is one line."""
