@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from moca_fast.config import ConfigError
+from moca_fast.distributed import rank_and_world
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 from moca_fast.train.safe_load import install_weights_only_loading, safe_load
@@ -97,7 +97,7 @@ def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state:
     root = Path(output) / CHECKPOINTS
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".{name}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = rank_and_world()[0]
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -274,7 +274,7 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     if meta["world_size"] != world_size:
         raise ConfigError(f"checkpoint {folder} was written by {meta['world_size']} ranks, this run has "
                           f"{world_size}: exact resume needs the same world size")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = rank_and_world()[0]
     install_weights_only_loading(engine)
     loaded, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                        load_lr_scheduler_states=False)

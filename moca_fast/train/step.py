@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from moca_fast.distributed import rank_and_world
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run must stop without saving."""
@@ -39,7 +41,7 @@ class LossTotals:
         if self.steps == 0:
             return None
         sums = self.sums.clone()
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = rank_and_world()[1]
         if world > 1:
             dist.all_reduce(sums)
         loss, img, loc, bad = sums.tolist()
