@@ -4,7 +4,6 @@ updates the student only, the teacher EMA and the codebook update run once per o
 gradient accumulation; ZeRO 0 also resumes from a checkpoint bit-exactly."""
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from moca_fast.config import ConfigError, load_config
 from moca_fast.train.engine import generate_deepspeed_config, load_user_deepspeed_config, merge_user_config
+from free_port import free_port
 
 EMA_RTOL = 1e-6  # fp32 EMA recomputed from the same fp32 operands
 
@@ -67,11 +67,6 @@ def test_shipped_configs_load_and_validate(path):
         cfg.validate(world_size)
     assert generate_deepspeed_config(cfg, 2, "bf16")["train_batch_size"] == cfg.batch_size * cfg.grad_accum * 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _engine_facts(rank, port, zero_stage, results):
@@ -165,7 +160,7 @@ BF16_WRAPPERS = {0: "FP16_UnfusedOptimizer", 1: "DeepSpeedZeroOptimizer", 2: "De
 @pytest.mark.parametrize("zero_stage", [2, 1, 0])
 def test_bf16_engine_keeps_teacher_and_codebook_fp32_and_updates_once_per_step(zero_stage):
     results = mp.Manager().dict()
-    mp.spawn(_engine_facts, args=(_free_port(), zero_stage, results), nprocs=1, join=True)
+    mp.spawn(_engine_facts, args=(free_port(), zero_stage, results), nprocs=1, join=True)
     facts = results[zero_stage]
     assert facts["student_bf16"] and facts["codebook_fp32"] and facts["batchnorm_stats_match"]
     assert facts["masters_fp32"] == {torch.float32} and facts["optimizer"] == BF16_WRAPPERS[zero_stage]
@@ -221,7 +216,7 @@ def test_trainer_engine_with_impl_fast_takes_the_fast_path_and_matches_reference
     from moca_fast.model.fastpath import FastOptions
 
     results = mp.Manager().dict()
-    mp.spawn(_fast_engine_facts, args=(_free_port(), results), nprocs=1, join=True)
+    mp.spawn(_fast_engine_facts, args=(free_port(), results), nprocs=1, join=True)
     assert results["patch_embed_gemm"] and results["same_state_dict_names"]
     assert results["options"] == {"reference/auto": None,
                                   "fast/auto": FastOptions(bf16_weights=False, compile_blocks=False),

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from jpeg_folder import write_class_folders
-from test_train_e2e import LAUNCH, REPO, TINY_RUN, _assert_identical, _deepspeed_cli, _env, _free_port, _load, _metrics
+from free_port import free_port
+from test_train_e2e import LAUNCH, REPO, TINY_RUN, _assert_identical, _deepspeed_cli, _env, _load, _metrics
 
 FOREVER = ["--max-steps", "100000", "epochs=1000"]
 
@@ -70,7 +71,7 @@ def _saved_step(output: Path, world_size: int = 2) -> int:
 def test_sigterm_to_the_launcher_or_its_process_group_saves_the_step_reached(tmp_path):
     jpegs = write_class_folders(tmp_path / "jpegs", per_class=12, classes=2)
     out = tmp_path / "run"
-    two_ranks = ["--num_gpus", "2", "--master_port", str(_free_port())]
+    two_ranks = ["--num_gpus", "2", "--master_port", str(free_port())]
     data = ["--data", str(jpegs), "--output", str(out), "num_workers=1"] + FOREVER
 
     first = _launch(two_ranks, data, tmp_path / "a.log")
@@ -81,7 +82,7 @@ def test_sigterm_to_the_launcher_or_its_process_group_saves_the_step_reached(tmp
     assert stopped == _metrics(out)[-1]["step"] >= 2
     assert "the launcher deepspeed" in (tmp_path / "a.log").read_text()
 
-    two_ranks[-1] = str(_free_port())
+    two_ranks[-1] = str(free_port())
     second = _launch(two_ranks, data + ["--resume", "auto"], tmp_path / "b.log")
     _wait_for_step(out, stopped + 2, [tmp_path / "b.log"])
     os.killpg(second.pid, signal.SIGTERM)  # the whole group: runner, launch.py, ranks, their workers
@@ -99,7 +100,7 @@ def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
     end_at = 10
 
     def two_nodes(name: str, args: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
-        port, logs = str(_free_port()), [tmp_path / f"{name}.node{n}.log" for n in range(2)]
+        port, logs = str(free_port()), [tmp_path / f"{name}.node{n}.log" for n in range(2)]
         procs = [_launch(["--hostfile", str(hosts), "--no_ssh", "--num_nodes", "2", "--node_rank", str(n),
                           "--master_addr", "127.0.0.1", "--master_port", port],
                          ["--data-backend", "synthetic", "--output", str(tmp_path / name)] + args, logs[n])
@@ -165,7 +166,7 @@ def test_the_stop_agreement_is_exact_one_step_after_the_signal():
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_agreement_rank, args=(_free_port(), results), nprocs=2, join=True)
+    mp.spawn(_agreement_rank, args=(free_port(), results), nprocs=2, join=True)
     assert dict(results) == {0: (4, []), 1: (4, [])}, "both stop at step 4; no launcher above a spawned rank"
 
 

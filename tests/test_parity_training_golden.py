@@ -23,13 +23,13 @@ that are host-side schedule values or counters must be exact (1e-12: double roun
 """
 import importlib.util
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from free_port import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -47,11 +47,6 @@ def _training_script():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_ours(rank, port, accums, results):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,7 +60,7 @@ def _run_ours(rank, port, accums, results):
 @pytest.fixture(scope="module")
 def ours():
     results = mp.Manager().dict()
-    mp.spawn(_run_ours, args=(_free_port(), (1, 2), results), nprocs=1, join=True)
+    mp.spawn(_run_ours, args=(free_port(), (1, 2), results), nprocs=1, join=True)
     return dict(results)
 
 

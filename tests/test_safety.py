@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,10 @@ import torch
 from moca_fast.config import ConfigError, load_config
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.safe_load import CheckpointLoadError
+from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def one_process_group():
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(_free_port())).items():
+                               MASTER_PORT=str(free_port())).items():
             mp.setenv(key, value)
         yield
         if dist.is_initialized():

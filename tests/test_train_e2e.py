@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from free_port import free_port
 from jpeg_folder import write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +31,6 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _deepspeed_cli() -> list[str]:
     beside_python = Path(sys.executable).with_name("deepspeed")
@@ -45,7 +40,7 @@ def _deepspeed_cli() -> list[str]:
 
 
 def _launch_two_ranks(args: list[str], log: Path) -> subprocess.Popen:
-    cmd = _deepspeed_cli() + ["--num_gpus", "2", "--master_port", str(_free_port()), LAUNCH] + TINY_RUN + args
+    cmd = _deepspeed_cli() + ["--num_gpus", "2", "--master_port", str(free_port()), LAUNCH] + TINY_RUN + args
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

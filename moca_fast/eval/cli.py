@@ -83,13 +83,14 @@ class Session:
 def run(protocol: str, main, argv: list[str] | None) -> int:
     """Parses nothing itself: calls main(argv) -> (result dict, summary line) and reports it; errors -> 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    had_group = dist.is_initialized()
     try:
         output, result, summary = main(argv)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not had_group:  # only the group this command started (Session)
             dist.destroy_process_group()
     if output is not None:
         path = Path(output or f"eval_{protocol}.json")
