@@ -72,20 +72,9 @@ def select_backend(requested: str, device, rank: int = 0) -> str:
 
 def scan_on_rank0(root: str, bad_files: str) -> ImageList:
     """scan_images on rank 0, broadcast to all ranks (so all shard the same list); local when not distributed."""
-    import torch.distributed as dist
+    from moca_fast.distributed import on_rank0
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return scan_images(root, bad_files)
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = scan_images(root, bad_files)
-        except Exception as e:  # every rank must leave the broadcast and raise the same error
-            box[0] = e
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
+    return on_rank0(lambda: scan_images(root, bad_files))
 
 
 def data_root(cfg) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from moca_fast.config import ConfigError
-from moca_fast.distributed import rank_and_world
+from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 from moca_fast.train.safe_load import install_weights_only_loading, safe_load
@@ -243,7 +243,12 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
 
 def resolve_resume(resume: str | None, output: str | os.PathLike, flag: str = "--resume") -> Path | None:
     """None: start fresh (refused if <output> already has checkpoints); "auto": the latest
-    checkpoint of <output> if any; else a checkpoint folder, or an output folder (its latest)."""
+    checkpoint of <output> if any; else a checkpoint folder, or an output folder (its latest).
+    Decided on rank 0, which reads and checksums the files, and shared with every rank."""
+    return on_rank0(lambda: _resolve_resume(resume, output, flag))
+
+
+def _resolve_resume(resume: str | None, output: str | os.PathLike, flag: str) -> Path | None:
     if resume is None:
         existing = latest_checkpoint(output)
         if existing is not None:
