@@ -17,7 +17,7 @@ Exit status 1 when any of them exceeds 1e-5 relative.
 trains both for N optimiser steps instead (scripts/parity_training.py: the official train_one_epoch
 against our train_step on the DeepSpeed engine, same weights, batches, masks and codebook draws) and
 prints a per-step table and the worst relative difference per quantity next to the official code's own
-difference under a permuted batch. Exit status 1 when ours exceeds the bound (parity_training.bounded).
+difference under a permuted batch. Exit status 1 when ours exceeds the bound (parity_compare.bounded).
 With --write-golden DIR it also writes the golden file of tests/test_parity_training_golden.py.
 """
 from __future__ import annotations
@@ -192,9 +192,9 @@ def main(argv=None) -> int:
     if not (opts.official_dir / "models_moca.py").is_file():
         parser.error(f"{opts.official_dir}: no models_moca.py (not a valeoai/MOCA checkout)")
     if opts.steps:
-        import parity_training
+        import parity_compare
 
-        return parity_training.main(opts)
+        return parity_compare.main(opts)
     sys.path.insert(0, str(opts.official_dir.resolve()))
     import models_moca
     import util.misc as misc
