@@ -210,14 +210,15 @@ def load_into_official(official, state: dict[str, torch.Tensor], official_to_our
     assert not missing, f"official parameters without an initial value: {missing}"
 
 
-def clip_grad_norm_float64(parameters, max_norm: float, *args, **kwargs) -> torch.Tensor:
+def clip_grad_norm_float64(parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (L2; the clip coefficient in fp32, as torch computes it) with the
     total norm accumulated in float64, as DeepSpeed accumulates ours.
 
     torch's fp32 norm on the CPU loses up to 1.4e-4 relative on a ViT-B MLP weight gradient (2.4M
     values, measured against float64), which moves the official run's clip coefficient by 4.5e-5 at
     every step of the ViT-B-shaped run: a rounding artefact of the CPU kernel, 150x the fp32 noise of
-    everything else. On small tensors (the tiny model) both agree to fp32 rounding."""
+    everything else. On small tensors (the tiny model) both agree to fp32 rounding. L2 only: a call
+    with any other option of torch's fails here rather than being ignored."""
     grads = [p.grad for p in parameters if p.grad is not None]
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
     total = torch.linalg.vector_norm(norms).float()
