@@ -14,8 +14,9 @@ through `launch`, which counts it (`LAUNCHES`), so tests can tell that the Trito
 
 Matmul precision (`matmul_dtype`): a bf16/fp16 input, or autocast to bf16/fp16 on the input's device (what
 the reference's F.linear / matmul would then use), gives tensor-core products in that dtype with fp32
-accumulation and fp32 results (`mm_f32`); otherwise products are exact fp32 (no TF32). Softmax,
-log-sum-exp and reductions are always fp32.
+accumulation and fp32 results (`mm_f32`); otherwise products are exact fp32 (no TF32, no bf16 passes), whatever
+the process-wide fp32 matmul precision says (`ieee_fp32_matmul`). Softmax, log-sum-exp and reductions are
+always fp32.
 """
 from __future__ import annotations
 
@@ -107,25 +108,92 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+#: fp32 matmul precision settings below IEEE fp32 products (new API: torch.backends.*.matmul.fp32_precision)
+_REDUCED_FP32_PRECISION = ("tf32", "bf16")
+
+
+def _has_fp32_precision_api() -> bool:
+    """torch >= 2.9: per-backend `fp32_precision` settings; before it, only the legacy `allow_tf32` flags."""
+    try:
+        torch.backends.cuda.matmul.fp32_precision
+    except AttributeError:
+        return False
+    return True
+
+
+_FP32_PRECISION_API = _has_fp32_precision_api()
+
+
+def _fp32_matmul_setting(device_type: str):
+    """(the backend's fp32 matmul setting, the setting it inherits from when unset) of the new API, or None."""
+    if device_type == "cuda":
+        return torch.backends.cuda.matmul, torch.backends.cudnn  # ("cuda", "matmul"), ("cuda", "all")
+    if device_type == "cpu":
+        return torch.backends.mkldnn.matmul, torch.backends.mkldnn  # ("mkldnn", "matmul"), ("mkldnn", "all")
+    return None
+
+
+class ieee_fp32_matmul:  # noqa: N801 (a context manager, named like torch.no_grad)
+    """Scope in which fp32 matmuls on `device_type` are IEEE fp32 products, whatever the process-wide TF32 / bf16
+    setting, set through either API (torch.backends.cuda.matmul.allow_tf32, torch.set_float32_matmul_precision,
+    or the `fp32_precision` settings of torch >= 2.9).
+
+    PyTorch has no per-call or thread-local precision, so the setting is process-wide: it is read (a C++ getter)
+    and written only when it allows reduced precision (never by default), and then once per fused op, not per
+    chunk (the ops enter this scope around their chunk loops). With the new API only the backend's own matmul
+    setting is written ("ieee", then back): the legacy flag is never read or written, as mixing the two APIs
+    raises. Inside a torch.library custom op the scope runs eagerly, also under torch.compile.
+    """
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.restore = None  # (setting, value) to put back on exit, when entering changed it
+
+    def __enter__(self):
+        if not _FP32_PRECISION_API:
+            if self.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                self.restore = (torch.backends.cuda.matmul, True)
+            return self
+        setting = _fp32_matmul_setting(self.device_type)
+        if setting is None:
+            return self
+        matmul, inherited_from = setting
+        current = matmul.fp32_precision  # the effective value: unset ("none") if it is what it inherits
+        if current in _REDUCED_FP32_PRECISION:
+            self.restore = (matmul, "none" if inherited_from.fp32_precision == current else current)
+            matmul.fp32_precision = "ieee"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.restore is not None:
+            setting, value = self.restore
+            if _FP32_PRECISION_API:
+                setting.fp32_precision = value
+            else:
+                setting.allow_tf32 = value
+            self.restore = None
+
+
+def fp32_products(device: torch.device, *dot_dtypes: torch.dtype):
+    """`ieee_fp32_matmul` where some product is an fp32 matmul on `device` (an fp32 dot dtype; on the CPU, whose
+    16-bit operands are widened to fp32, any); else a null context (tensor-core products ignore the setting)."""
+    if device.type == "cpu" or torch.float32 in dot_dtypes:
+        return ieee_fp32_matmul(device.type)
+    return contextlib.nullcontext()
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [m, k] @ b [k, n] -> fp32 [m, n]: products in the operands' (common) dtype, fp32 accumulation and result.
-    CUDA: cuBLAS with an fp32 output (16-bit operands) or exact fp32 (TF32 off); CPU: the 16-bit operands
+    CUDA: cuBLAS with an fp32 output (16-bit operands) or IEEE fp32 (`ieee_fp32_matmul`); CPU: the 16-bit operands
     widened to fp32 (their products are exact there), the same function."""
     no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
         else contextlib.nullcontext()
     with no_autocast:
-        if a.dtype == torch.float32:
-            if a.device.type != "cuda":
-                return a @ b
-            allowed = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            try:
-                return a @ b
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = allowed
-        if a.device.type == "cpu":
-            return a.float() @ b.float()
-        return torch.mm(a, b, out_dtype=torch.float32)
+        if a.dtype != torch.float32 and a.device.type != "cpu":
+            return torch.mm(a, b, out_dtype=torch.float32)
+        with ieee_fp32_matmul(a.device.type):
+            return a @ b if a.dtype == torch.float32 else a.float() @ b.float()
 
 
 def tl_dtype(dtype: torch.dtype):

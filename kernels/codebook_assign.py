@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moca_fast.kernels import chunk_rows, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
+from moca_fast.kernels import chunk_rows, fp32_products, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
 from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.losses import assign_reference
 
@@ -99,16 +99,17 @@ def launch_assign(tokens: torch.Tensor, words: torch.Tensor, inv_temp: torch.Ten
     b = _blocks(tokens.device)
     w_t = words.to(dot_dtype).t()
     images = max(1, chunk_rows(K, tokens.device) // L)
-    for n0 in range(0, N, images):
-        n1 = min(N, n0 + images)
-        t0, t1 = n0 * L, n1 * L
-        x = tokens[n0:n1].reshape(-1, C).to(dot_dtype)
-        rnorm[t0:t1] = 1.0 / x.float().norm(dim=1).clamp_min(NORM_EPS)
-        cos = mm_f32(x, w_t)
-        launch(_token_stats_kernel, (t1 - t0,), cos, rnorm[t0:t1], inv_temp, lse[t0:t1], gap[t0:t1], K,
-               cos.stride(0), **b["stats"])
-        launch(_bow_kernel, (n1 - n0, triton.cdiv(K, b["bow"]["BLOCK_K"])), cos, rnorm[t0:t1], inv_temp,
-               lse[t0:t1], interior, bow_mean[n0:n1], L, K, I, cos.stride(0), **b["bow"])
+    with fp32_products(tokens.device, dot_dtype):  # one precision scope for every chunk's GEMM
+        for n0 in range(0, N, images):
+            n1 = min(N, n0 + images)
+            t0, t1 = n0 * L, n1 * L
+            x = tokens[n0:n1].reshape(-1, C).to(dot_dtype)
+            rnorm[t0:t1] = 1.0 / x.float().norm(dim=1).clamp_min(NORM_EPS)
+            cos = mm_f32(x, w_t)
+            launch(_token_stats_kernel, (t1 - t0,), cos, rnorm[t0:t1], inv_temp, lse[t0:t1], gap[t0:t1], K,
+                   cos.stride(0), **b["stats"])
+            launch(_bow_kernel, (n1 - n0, triton.cdiv(K, b["bow"]["BLOCK_K"])), cos, rnorm[t0:t1], inv_temp,
+                   lse[t0:t1], interior, bow_mean[n0:n1], L, K, I, cos.stride(0), **b["bow"])
 
 
 @torch.library.custom_op("moca_fast::codebook_assign", mutates_args=())

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moca_fast.kernels import chunk_rows, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
+from moca_fast.kernels import chunk_rows, fp32_products, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
 from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.losses import soft_target_kl_reference
 
@@ -150,22 +150,23 @@ def kl_forward(features, prototypes, kappa, target, teacher_tokens, dec_ids, wor
     if need_grad:
         f_scale, p_scale = _gradient_scale(f), _gradient_scale(p)
         p_g = _gradient_operand(p, p_scale)
-    for r0 in range(0, M, rows):
-        r1 = min(M, r0 + rows)
-        s = mm_f32(f[r0:r1], p.t())
-        if teacher:
-            x = _teacher_rows(teacher_tokens, dec_ids, slice(r0 // n, r1 // n), x_dot)
-            a = mm_f32(x, w_t)
-            a_scale = inv_temp / x.float().norm(dim=1).clamp_min(NORM_EPS)
-            tgt = s  # unused
-        else:
-            a, a_scale, tgt = s, s, target[r0:r1]  # a, a_scale unused
-        g = torch.empty(s.shape, device=f.device, dtype=p_g.dtype) if need_grad else s  # unused without need_grad
-        launch(kernel, (r1 - r0,), s, a, a_scale, tgt, g, kl[r0:r1], K, kappa, s.stride(0), a.stride(0),
-               tgt.stride(0), g.stride(0), TEACHER=teacher, WRITE_GRAD=need_grad, BLOCK_K=_block_k(K, f.device))
-        if need_grad:
-            d_f[r0:r1] = mm_f32(g, p_g)
-            d_p += mm_f32(g.t(), _gradient_operand(f[r0:r1], f_scale))
+    with fp32_products(f.device, f_dot, x_dot):  # one precision scope for every chunk's GEMMs
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            s = mm_f32(f[r0:r1], p.t())
+            if teacher:
+                x = _teacher_rows(teacher_tokens, dec_ids, slice(r0 // n, r1 // n), x_dot)
+                a = mm_f32(x, w_t)
+                a_scale = inv_temp / x.float().norm(dim=1).clamp_min(NORM_EPS)
+                tgt = s  # unused
+            else:
+                a, a_scale, tgt = s, s, target[r0:r1]  # a, a_scale unused
+            g = torch.empty(s.shape, device=f.device, dtype=p_g.dtype) if need_grad else s  # unused without need_grad
+            launch(kernel, (r1 - r0,), s, a, a_scale, tgt, g, kl[r0:r1], K, kappa, s.stride(0), a.stride(0),
+                   tgt.stride(0), g.stride(0), TEACHER=teacher, WRITE_GRAD=need_grad, BLOCK_K=_block_k(K, f.device))
+            if need_grad:
+                d_f[r0:r1] = mm_f32(g, p_g)
+                d_p += mm_f32(g.t(), _gradient_operand(f[r0:r1], f_scale))
     if need_grad:
         d_f.mul_(p_scale * (kappa / M))
         d_p.mul_(f_scale * (kappa / M))
