@@ -112,6 +112,32 @@ def test_two_ranks_gather_the_bank_and_match_one_rank(knn_folders, tmp_path):
     assert single["val_images"] == 5 and single["train_images"] == 10
 
 
+def test_compiled_teacher_compiles_one_shape_whatever_the_ragged_batches(knn_folders):
+    """The in-training k-NN on compiled blocks (the trainer's fast path): the ragged last batches (10 train and
+    5 val images at batch 4: 4, 4, 2 and 4, 1) are padded to the batch size, so the teacher's blocks compile for
+    one input shape only, over two evaluations (dynamo's graph counter; without the padding: 3 shapes), and the
+    features and accuracy are the eager model's."""
+    from torch._dynamo.utils import counters
+
+    from moca_fast.eval.knn import extract_features
+    from moca_fast.model.fastpath import FastOptions, prepare_fast
+
+    torch._dynamo.reset()
+    eager = _tiny_model()
+    compiled = prepare_fast(_tiny_model(), FastOptions(bf16_weights=False, matmul_patch_embed=False,
+                                                       compile_blocks=True, compile_backend="aot_eager"))
+    loaders = build_knn_loaders(_cfg(), knn_folders / "train", knn_folders / "val", 0, 1, "cpu")
+    graphs = counters["stats"]["unique_graphs"]
+    results = [knn_accuracy(compiled, *loaders, k=3, temperature=0.07) for _ in range(2)]
+    assert counters["stats"]["unique_graphs"] - graphs == 1, "one compiled shape for every batch size"
+    assert results[0] == results[1] == knn_accuracy(eager, *loaders, k=3, temperature=0.07)
+    for loader in loaders:
+        got, got_labels, _ = extract_features(compiled, loader)
+        want, want_labels, _ = extract_features(eager, loader)
+        assert got.shape == want.shape and torch.equal(got_labels, want_labels)
+        assert torch.allclose(got, want, atol=FEATURE_TOL, rtol=0)
+
+
 def test_cli_on_a_checkpoint_folder_matches_the_in_process_result(knn_folders, tmp_path):
     model = _tiny_model()
     with torch.no_grad():  # a teacher unlike the student, to check the teacher is what is evaluated

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moca_fast.distributed import rank_and_world
+from moca_fast.model.fastpath import blocks_compiled
 
 log = logging.getLogger("moca_fast.eval")
 
@@ -28,13 +29,26 @@ TOP5 = 5
 
 @torch.no_grad()
 def extract_features(model, loader, dtype: torch.dtype = torch.float32):
-    """Teacher [AVG] features of this rank's share: ([n, C] fp32 L2-normalised, labels [n], indices [n])."""
+    """Teacher [AVG] features of this rank's share: ([n, C] fp32 L2-normalised, labels [n], indices [n]).
+
+    With compiled blocks (moca_fast.model.fastpath) the teacher runs every batch at the loader's batch size (in
+    training, the training batch size), the ragged last batch padded with zero images whose features are dropped
+    (each image's features are its own: the ViT has no batch-coupled layer). Its blocks then see the one shape
+    training compiles them for, instead of paying an inductor compilation per ragged size on a rank's first
+    evaluation; the cost is the padding's forward, less than one batch per pass. Marking the batch dynamic would
+    compile once more, and run every batch through unspecialised kernels; an uncompiled evaluation would run
+    every batch at eager speed.
+    """
+    fixed = getattr(loader, "batch_size", None) if blocks_compiled(model) else None
     was_training = model.training
     model.eval()
     feats, labels, indices = [], [], []
     try:
         for images, batch_labels, batch_indices in loader:
-            feats.append(F.normalize(model.teacher_features(images.to(dtype)).float(), dim=1))
+            n = images.shape[0]
+            if fixed is not None and n < fixed:
+                images = torch.cat([images, images.new_zeros(fixed - n, *images.shape[1:])])
+            feats.append(F.normalize(model.teacher_features(images.to(dtype))[:n].float(), dim=1))
             labels.append(batch_labels)
             indices.append(batch_indices)
     finally:

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 #: torch.compile recompilations allowed per code object. Every block of every encoder and decoder
 #: shares Block.forward, compiled once per input shape (and grad mode, dtype): two masking rounds, two
-#: decoder lengths and the teacher make 5, and the k-NN evaluation's batch sizes (its ragged last
-#: batches included) reach dynamo's default limit of 8, past which it silently runs new shapes eagerly.
+#: decoder lengths and the teacher make 5 (the k-NN evaluation runs the teacher at its training shape,
+#: see moca_fast.eval.knn.extract_features); other callers' shapes (benchmarks, evaluations at other batch
+#: sizes) would soon reach dynamo's default limit of 8, past which it silently runs new shapes eagerly.
 RECOMPILE_LIMIT = 64
 
 
@@ -90,6 +91,12 @@ def prepare_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Mod
                               dynamic=False)
     model.fast_options = options
     return model
+
+
+def blocks_compiled(model: nn.Module) -> bool:
+    """Whether `prepare_fast` compiled the model's transformer blocks: each new input shape then compiles."""
+    options = getattr(model, "fast_options", None)
+    return options is not None and options.compile_blocks
 
 
 @functools.lru_cache(maxsize=None)
