@@ -3,7 +3,8 @@
 DeepSpeed config precedence (documented for users of --deepspeed_config):
 1. Our Config (preset < YAML < key=value) defines the training semantics; from it we generate
    train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size,
-   gradient_clipping, zero_optimization.stage and bf16.enabled.
+   gradient_clipping, zero_optimization.stage and bf16.enabled. For speed we also turn off
+   DeepSpeed's throughput timer and overlap_comm (host syncs, see moca_fast.train.host_syncs).
 2. A user JSON file is deep-merged over the generated config and wins for every other key
    (e.g. zero_optimization.reduce_bucket_size, comms_logger, flops_profiler).
 3. A user value for one of the generated keys must equal ours, else a ConfigError names the
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from moca_fast.config import Config, ConfigError
 from moca_fast.model.fastpath import prepare_fast, trainer_fast_options
+from moca_fast.train.host_syncs import reduce_host_syncs
 from moca_fast.train.schedules import effective_batch_size, parameter_groups
 
 log = logging.getLogger("moca_fast.train")
@@ -118,9 +120,10 @@ def generate_deepspeed_config(cfg: Config, world_size: int, precision: str) -> d
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},  # 2 device syncs per micro-step (moca_fast.train.host_syncs)
     }
-    if cfg.zero_stage > 0:
-        ds["zero_optimization"].update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
+    if cfg.zero_stage > 0:  # overlap_comm: a device sync per reduction, nothing to overlap (host_syncs)
+        ds["zero_optimization"].update(contiguous_gradients=True, overlap_comm=False)
     return ds
 
 
@@ -217,6 +220,7 @@ def build_engine(model: nn.Module, cfg: Config, dist_info: DistInfo, precision: 
                                   fused=dist_info.device.type == "cuda")
     snapshot = {name: t.detach().clone() for name, t in _fp32_tensors(model)}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    reduce_host_syncs(engine)
     _restore_fp32(engine.module, snapshot)
     _match_batchnorm_statistics(engine.module)
     return engine, ds_config

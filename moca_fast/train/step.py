@@ -4,7 +4,8 @@ Per micro-step: forward (the model does EMA -> teacher targets -> student -> los
 update) -> engine.backward -> engine.step (DeepSpeed reduces, clips and steps the optimiser on the
 last micro-step). The teacher EMA and the codebook update run only on the last micro-step of an
 accumulation (engine.is_gradient_accumulation_boundary()), as the official code does.
-Nothing here reads a device value on the host: losses stay on the device until `LossTotals.drain`.
+Nothing here reads a device value on the host: losses stay on the device until `LossTotals.drain`; the
+engine's backward and step do, by ZeRO stage and precision (moca_fast.train.host_syncs).
 """
 from __future__ import annotations
 
