@@ -74,7 +74,7 @@ def products(monkeypatch):
     return seen
 
 
-def _loss_inputs(device, m=64, k=48, d=32, c=24, n=8, images=8, dtype=torch.float32):
+def _loss_inputs(device, m=32, k=48, d=32, c=24, n=8, images=4, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     f, p = torch.randn(m, d, generator=g), torch.randn(k, d, generator=g)
     target = torch.softmax(torch.randn(m, k, generator=g), dim=1)
