@@ -60,6 +60,29 @@ class StepTimer:
         return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
 
 
+def count_host_syncs(device: torch.device, fn) -> int | None:
+    """Host synchronisations during fn() on a GPU: the implicit ones (.item(), bool(), .cpu() of a device tensor,
+    data-dependent shapes: torch.cuda's sync debug mode) and explicit torch.cuda.synchronize calls (DeepSpeed's
+    accelerator makes them). None off CUDA (nothing there synchronises a host with a device)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    explicit = []
+    synchronize = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *args, **kwargs: explicit.append(1) or synchronize(*args, **kwargs)
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize = synchronize
+    return len(explicit) + sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
 def summarize_ms(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {"step_ms_median": statistics.median(ordered), "step_ms_min": ordered[0], "step_ms_max": ordered[-1]}

@@ -12,7 +12,10 @@
 #      torch.compile(reference) and fused, peak extra memory, floors (bench/kernels.py);
 #   4. the training step, ViT-B/16, batch 256, bf16 (bench/throughput.py): the official-equivalent
 #      reference step, and the trainer's own DeepSpeed step with impl=reference and impl=fast, each with
-#      ZeRO stage 2 and stage 0: img/s, MFU against the matmul ceiling measured in the run, peak memory;
+#      ZeRO stage 2 and stage 0: img/s, MFU against the matmul ceiling measured in the run, peak memory, host
+#      syncs in one more step (torch.cuda's sync debug mode + torch.cuda.synchronize calls); trainer_fast and
+#      trainer_fast_zero0 are then timed again with the DeepSpeed defaults the trainer turns off put back
+#      (moca_fast/train/host_syncs.py; 2 + 10 more steps each, "x DS dflt");
 #   then one summary table of every stage. JSON and each stage's full log go to $OUT.
 # The stages run in order of value, each under its own time limit so one hang cannot take the rest: the
 # environment, then the training step (the issue's targets; without deepspeed it times the benches' own

@@ -195,6 +195,12 @@ def summary_rows(out: Path) -> list[tuple[str, str]]:
             if r.get("status") == "ok":
                 text = (f"{r['img_per_s']:.1f} img/s, MFU {100 * r['mfu']:.1f} %, "
                         f"peak {r['peak_mem_gib']:.2f} GiB")
+                if r.get("host_syncs_per_step") is not None:
+                    text += f", {r['host_syncs_per_step']} host syncs/step"
+                if r.get("deepspeed_defaults_slowdown") is not None:
+                    text += f"; DeepSpeed's defaults: x{r['deepspeed_defaults_slowdown']:.3f} step time"
+                    if r["with_deepspeed_defaults"].get("host_syncs_per_step") is not None:
+                        text += f", {r['with_deepspeed_defaults']['host_syncs_per_step']} syncs/step"
             else:
                 text = r.get("status", "?")
             rows.append((f"step {name}", text))

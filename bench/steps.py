@@ -14,7 +14,8 @@ grad-norm clip 0.1 -> AdamW -> codebook update (inside the model's forward). Var
   what a user's run gets, DeepSpeed's own costs included. They need deepspeed to import;
 - trainer_zero0, trainer_fast_zero0: the same with zero_stage=0 (no partitioning: DeepSpeed's bf16
   optimiser wrapper over the whole model, no per-parameter ZeRO bookkeeping). Not in the default
-  list; bench/device_check.sh names them;
+  list; bench/device_check.sh names them. trainer_fast and trainer_fast_zero0 are timed a second time
+  with the DeepSpeed defaults the trainer turns off put back (TrainerStep.deepspeed_defaults);
 - trainer_fast_recompute: trainer_fast with activation_memory_budget=0.8 (the compiled blocks
   recompute their LayerNorm and GELU outputs in the backward: less memory, some more work).
 The views arrive as float32 and are cast to bf16 in the step, as the trainer does.
@@ -43,6 +44,7 @@ class VariantSpec:
     summary: str
     trainer: bool = False
     zero_stage: int = 2  # the trainer variants' ZeRO stage
+    deepspeed_defaults: bool = False  # also time it with DeepSpeed's own host syncs back (TrainerStep)
 
 
 VARIANTS = {
@@ -52,12 +54,13 @@ VARIANTS = {
     "fast_reference_losses": VariantSpec("reference", FastOptions(), True, "fast with PyTorch losses"),
     "trainer": VariantSpec("reference", None, True, "the trainer's DeepSpeed step, impl=reference", trainer=True),
     "trainer_fast": VariantSpec("fast", FastOptions(bf16_weights=False), True,
-                                "the trainer's DeepSpeed step, impl=fast", trainer=True),
+                                "the trainer's DeepSpeed step, impl=fast", trainer=True, deepspeed_defaults=True),
     "trainer_fast_recompute": VariantSpec("fast", FastOptions(bf16_weights=False, activation_memory_budget=0.8),
                                           True, "trainer_fast, activation_memory_budget=0.8", trainer=True),
     "trainer_zero0": VariantSpec("reference", None, True, "trainer with zero_stage=0", trainer=True, zero_stage=0),
     "trainer_fast_zero0": VariantSpec("fast", FastOptions(bf16_weights=False), True,
-                                      "trainer_fast with zero_stage=0", trainer=True, zero_stage=0),
+                                      "trainer_fast with zero_stage=0", trainer=True, zero_stage=0,
+                                      deepspeed_defaults=True),
 }
 #: what every variant computes in
 PRECISION = "bf16 (autocast over fp32 or bf16 weights; the trainer variants: DeepSpeed's bf16 weights)"
@@ -164,6 +167,15 @@ class TrainerStep:
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return train_step(self.engine, iter([(x1, x2)]), self.momentum, torch.bfloat16, self.totals)[0]
+
+    def deepspeed_defaults(self) -> None:
+        """Puts back, on this engine, the DeepSpeed defaults the trainer turns off that a running engine can take
+        (moca_fast.train.host_syncs): the synchronising throughput timer (it syncs from its third step) and, in
+        ZeRO 0 bf16, DeepSpeed's per-parameter overflow check. overlap_comm would need a new engine."""
+        self.engine.tput_timer.config.enabled = True
+        checker = getattr(self.engine.optimizer, "overflow_checker", None)
+        if checker is not None:
+            vars(checker).pop("has_overflow", None)  # batch_overflow_check's override: back to the class's
 
 
 class Batches:

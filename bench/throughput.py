@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ if "--small" in sys.argv[1:]:  # CPU run: the Triton kernels need the interprete
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, env_info,  # noqa: E402
-                    format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device, run_variants,
-                    preset_name, reset_peak_memory, summarize_ms, sync, write_json)
+from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, count_host_syncs,  # noqa: E402
+                    env_info, format_table, free_memory, gpu_family, measure_matmul_tflops, peak_memory, pick_device,
+                    run_variants, preset_name, reset_peak_memory, summarize_ms, sync, write_json)
 from flops import analytic_step_flops, count_flops  # noqa: E402
 from steps import (COMPILE_ONLY, ON_REQUEST, PRECISION, VARIANTS, Batches, VariantUnavailable,  # noqa: E402
                    fused_kernels_missing, make_step)
@@ -124,19 +125,34 @@ def run_variant(name: str, cfg, device, batches: Batches, warmup: int, steps: in
     warmup_s = time.perf_counter() - start
     graphs = counters["stats"]["unique_graphs"] - graphs
     reset_peak_memory(device)
+    times, loss = time_steps(step, batches, steps, device)
+    loss_value = loss.item()
+    result = {"status": "ok", "summary": step.spec.summary, "attention_backend": step.attention_backend,
+              "warmup_s": warmup_s, "compiled_graphs": graphs, "loss": loss_value, "step_ms": times,
+              **summarize_ms(times), **peak_memory(device, held),
+              "host_syncs_per_step": count_host_syncs(device, lambda: step(*batches.next()))}
+    if not math.isfinite(loss_value):
+        result["status"] = f"failed: non-finite loss {loss_value}"
+    if step.spec.deepspeed_defaults:
+        step.deepspeed_defaults()
+        time_steps(step, batches, 2, device)
+        times, _ = time_steps(step, batches, steps, device)
+        result["with_deepspeed_defaults"] = {
+            "step_ms": times, **summarize_ms(times),
+            "host_syncs_per_step": count_host_syncs(device, lambda: step(*batches.next()))}
+        result["deepspeed_defaults_slowdown"] = statistics.median(times) / result["step_ms_median"]
+    return result
+
+
+def time_steps(step, batches: Batches, steps: int, device) -> tuple[list[float], torch.Tensor | None]:
+    """(per-step ms of `steps` steps, the last step's loss)."""
+    loss = None
     timer = StepTimer(device)
     timer.mark()
     for _ in range(steps):
         loss = step(*batches.next())
         timer.mark()
-    times = timer.step_ms()
-    loss_value = loss.item()
-    result = {"status": "ok", "summary": step.spec.summary, "attention_backend": step.attention_backend,
-              "warmup_s": warmup_s, "compiled_graphs": graphs, "loss": loss_value, "step_ms": times,
-              **summarize_ms(times), **peak_memory(device, held)}
-    if not math.isfinite(loss_value):
-        result["status"] = f"failed: non-finite loss {loss_value}"
-    return result
+    return timer.step_ms(), loss
 
 
 def main(argv=None) -> dict:
@@ -220,7 +236,8 @@ def print_report(report: dict) -> None:
                ("x ref", "speedup_vs_reference", ".2f")]
     if official:
         columns.append(("x official", "vs_official", ".2f"))
-    columns += [("warm-up s", "warmup_s", ".1f"), ("status", "status", "")]
+    columns += [("syncs/step", "host_syncs_per_step", "d"), ("x DS dflt", "deepspeed_defaults_slowdown", ".3f"),
+                ("warm-up s", "warmup_s", ".1f"), ("status", "status", "")]
     print(format_table(rows, columns))
 
 

@@ -28,6 +28,9 @@ Not avoided: the syncs listed above, which DeepSpeed's control flow needs (skip 
 with a host-side coefficient) and which no DeepSpeed option removes without also removing the overflow skip
 (bf16.check_grad_overflow: false) or the clipping; after the first, each waits only for the kernels queued
 since the previous one. A user --deepspeed_config may set any of these keys back.
+On a GPU (not measured yet): bench/device_check.sh counts each trainer variant's host syncs per step (column
+syncs/step, forward included) and times trainer_fast and trainer_fast_zero0 again with the timer and ZeRO 0's
+per-parameter check put back (column x DS dflt).
 """
 from __future__ import annotations
 
