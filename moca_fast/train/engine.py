@@ -108,7 +108,9 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return cfg.precision
 
 
-def generate_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+def generate_deepspeed_config(cfg: Config, world_size: int, precision: str, cuda: bool | None = None) -> dict:
+    """The DeepSpeed config of a run; `cuda`: whether it runs on GPUs (default: whether this machine has one)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -120,7 +122,7 @@ def generate_deepspeed_config(cfg: Config, world_size: int, precision: str) -> d
         "wall_clock_breakdown": False,
     }
     if cfg.zero_stage > 0:
-        ds["zero_optimization"].update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
+        ds["zero_optimization"].update(contiguous_gradients=True, overlap_comm=cuda)
     return ds
 
 
