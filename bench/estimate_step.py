@@ -15,8 +15,9 @@ config (read from its source, runtime/zero/stage_1_and_2.py and runtime/fp16/unf
   is copied as it is accumulated (the gradient itself is freed); the partition's gradients (1/world, bf16)
   from the first reduction (the end of the backward when everything fits one bucket), the buckets freed
   after the backward; at the step the partition's flat gradient in bf16, then fp32.
-Not modelled: the NCCL buffers and DeepSpeed's side streams; a separate copy of parameters that are not in
-the optimiser (none here); gradient accumulation (the peak of one micro-step does not depend on it).
+With gradient accumulation, the accumulated gradients (ZeRO 0: param.grad; ZeRO 1 and 2: the partition's
+buffer) live through the later micro-steps. Not modelled: the NCCL buffers and DeepSpeed's side streams;
+ZeRO 1's own accumulation (modelled as ZeRO 2's).
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class DeepSpeedStandIn:
         self.buckets: list[torch.Tensor] = []
         self.bucket_used = 0
         self.partition_grads: torch.Tensor | None = None
+        self.accumulation, self.micro_steps = cfg.grad_accum, 0
 
     def _initialize_optimizer_state(self) -> None:
         """AdamW's moments exist from the first step on: created now, so that one step shows the steady state."""
@@ -120,10 +122,10 @@ class DeepSpeedStandIn:
 
     # ------------------------------------------------------------------ engine interface
     def gradient_accumulation_steps(self) -> int:
-        return 1
+        return self.accumulation
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return True
+        return (self.micro_steps + 1) % self.accumulation == 0
 
     def __call__(self, *args, **kwargs):
         with self.memory.saved_as_activations():
@@ -156,13 +158,17 @@ class DeepSpeedStandIn:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.stage == 0:
-            if self.world > 1:  # the all-reduce of the gradients goes through one flat copy of them
+            if self.world > 1 and self.is_gradient_accumulation_boundary():  # the all-reduce: one flat copy
                 torch.cat([p.grad.reshape(-1) for p in self.params if p.grad is not None])
         else:
             self._reduce_bucket()
             self.buckets = []
 
     def step(self) -> None:
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
         if self.stage == 0:
             for masters, params in zip(self.masters, self.groups):
                 for m, p in zip(masters, params):
@@ -186,20 +192,25 @@ class DeepSpeedStandIn:
 
 
 def run_steps(cfg: Config, world_size: int, precision: str, memory: MemoryTracker, steps: int = 2) -> MOCA:
-    """`steps` training steps of batch cfg.batch_size on one GPU of `world_size` (from model construction on);
-    memory.flops holds the last step's. The second step's peak is the steady state: the first lacks the
+    """`steps` optimiser steps (cfg.grad_accum micro-batches of cfg.batch_size each) on one GPU of `world_size`,
+    from model construction on; memory.flops holds the last step's. The second step's peak is the steady state: the first lacks the
     allocator's cache of a previous step (0.1 % lower at ViT-B/16 batch 256), the third equals the second."""
     model = prepare_model(cfg, world_size, precision, memory)
     memory.label_modules(model, depth=1)
     engine = DeepSpeedStandIn(model, cfg, world_size, precision, memory)
     totals = LossTotals(torch.device("cpu"))  # fake CPU tensors stand for the GPU's
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def micro_batches():  # made one at a time, as a loader yields them
+        for _ in range(cfg.grad_accum):
+            views = [torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size) for _ in range(2)]
+            for x in views:
+                memory.track(x, "inputs")
+            yield views
+
     for _ in range(steps):
-        x1, x2 = (torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size) for _ in range(2))
-        memory.track(x1, "inputs")
-        memory.track(x2, "inputs")
         memory.flops = 0
-        train_step(engine, iter([(x1, x2)]), 0.996, dtype, totals)
+        train_step(engine, micro_batches(), 0.996, dtype, totals)
         for p in model.parameters():
             memory.recategorize(p, "parameters", ("transient", "activations"))
     return model

@@ -93,3 +93,13 @@ def test_largest_batch_search_on_a_known_line():
         assert fit["probes"] <= 6
     fit = estimate.largest_batch(cfg, 1, 900, first, probe=lambda c, w: {"peak_bytes": peak(c.batch_size)})
     assert fit["batch_size"] is None and "does not fit" in fit["reason"]
+
+
+def test_gradient_accumulation_keeps_the_gradients_through_later_micro_steps():
+    """ZeRO 0 accumulates in param.grad, ZeRO 2 in its partition's buffer: either lives through the second
+    micro-step's forward, where this small model peaks; the step's FLOPs double."""
+    for zero in (0, 2):
+        one, two = (estimate.measure(load_config("tiny", overrides=dict(
+            batch_size=64, zero_stage=zero, grad_accum=accum, attention="sdpa")), 1) for accum in (1, 2))
+        assert two["breakdown"]["gradients"] > one["breakdown"]["gradients"], zero
+        assert two["step_flops"] == 2 * one["step_flops"]
