@@ -12,6 +12,7 @@ setup(
         "moca_fast.data",
         "moca_fast.train",
         "moca_fast.eval",
+        "moca_fast.fakegpu",
         "moca_fast.io",
         "moca_fast.kernels",
     ],

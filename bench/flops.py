@@ -10,33 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch.utils import flop_counter
 
-
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                            **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-def _cpu_attention_mapping() -> dict:
-    """The CPU flash-attention ops, which the counter's registry lacks, with the CUDA ops' formulas."""
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
-    return mapping
+from moca_fast.fakegpu.tracker import cpu_attention_flop_formulas
 
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
     """Runs fn() under FlopCounterMode; returns (total FLOPs, FLOPs per aten op)."""
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_cpu_attention_mapping()) as mode:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as mode:
         fn()
     per_op = {str(op): int(n) for op, n in mode.get_flop_counts().get("Global", {}).items()}
     return int(mode.get_total_flops()), per_op

@@ -10,7 +10,9 @@ Where the kernels run: CUDA tensors; CPU tensors when Triton's interpreter is on
 before triton is first imported, as the tests do). Elsewhere the ops compute their PyTorch reference
 (logged once). TRITON_INTERPRET=1 set too late (the kernels already compiled for the GPU) is an error, never
 a silent reference: kernel tests would otherwise compare the reference with itself. Every real launch goes
-through `launch`, which counts it (`LAUNCHES`), so tests can tell that the Triton path ran.
+through `launch`, which counts it (`LAUNCHES`), so tests can tell that the Triton path ran. Inside
+`emulating_gpu()` (memory estimates on fake CPU tensors, moca_fast.fakegpu) CPU tensors stand for CUDA ones: GPU
+chunk sizes and launch parameters, and launches skipped (fake tensors hold no data).
 
 Matmul precision (`matmul_dtype`): a bf16/fp16 input, or autocast to bf16/fp16 on the input's device (what
 the reference's F.linear / matmul would then use), gives tensor-core products in that dtype with fp32
@@ -37,6 +39,7 @@ INTERPRET_HINT = "set TRITON_INTERPRET=1 before triton is first imported (torchv
 #: Triton launches per kernel name in this process (interpreter and GPU alike).
 LAUNCHES: Counter = Counter()
 _recorder: list | None = None
+_gpu_emulated = False
 
 
 def _kernel_fn(kernel):
@@ -57,14 +60,25 @@ def interpreted(kernel) -> bool:
 
 
 def on_gpu(device: torch.device) -> bool:
-    """GPU launch parameters for this device: CUDA, or meta (the shapes-only launches the AOT compile check of
-    bench/compile.py records)."""
-    return device.type in ("cuda", "meta")
+    """GPU launch parameters for this device: CUDA, meta (the shapes-only launches the AOT compile check of
+    bench/compile.py records), or CPU inside `emulating_gpu()`."""
+    return device.type in ("cuda", "meta") or (_gpu_emulated and device.type == "cpu")
+
+
+@contextlib.contextmanager
+def emulating_gpu():
+    """CPU tensors are treated as CUDA tensors and launches are skipped (see the module docstring)."""
+    global _gpu_emulated
+    previous, _gpu_emulated = _gpu_emulated, True
+    try:
+        yield
+    finally:
+        _gpu_emulated = previous
 
 
 def runs_triton(kernel, device: torch.device, op: str) -> bool:
     """Whether `kernel` can run on `device`; logs once per op when the PyTorch reference stands in."""
-    if device.type == "cuda" or (device.type == "cpu" and interpreted(kernel)):
+    if device.type == "cuda" or (device.type == "cpu" and (interpreted(kernel) or _gpu_emulated)):
         return True
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError(f"moca_fast.kernels.{op}: TRITON_INTERPRET is set but the kernels were compiled for "
@@ -80,6 +94,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), counted in LAUNCHES; inside `recording()`, recorded instead of run."""
     if _recorder is not None:
         _recorder.append((kernel, grid, args, kwargs))
+        return
+    if _gpu_emulated:
         return
     kernel[grid](*args, **kwargs)
     LAUNCHES[_kernel_fn(kernel).__name__] += 1
@@ -190,7 +206,7 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
         else contextlib.nullcontext()
     with no_autocast:
-        if a.dtype != torch.float32 and a.device.type != "cpu":
+        if a.dtype != torch.float32 and on_gpu(a.device):
             return torch.mm(a, b, out_dtype=torch.float32)
         with ieee_fp32_matmul(a.device.type):
             return a @ b if a.dtype == torch.float32 else a.float() @ b.float()

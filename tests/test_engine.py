@@ -4,6 +4,7 @@ updates the student only, the teacher EMA and the codebook update run once per o
 gradient accumulation; ZeRO 0 also resumes from a checkpoint bit-exactly."""
 import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,8 @@ def _resumes_exactly(engine, cfg, dist_info, momentum) -> bool:
         for e in (engine, second):
             for group in e.optimizer.param_groups:
                 group["lr"] = 1e-3
-            torch.manual_seed(5)  # the same masks and codebook draw
+            torch.manual_seed(5)  # the same masks and codebook draw (words: torch, view: Python's random)
+            random.seed(5)
             train_step(e, iter(batches), momentum, torch.bfloat16, LossTotals(dist_info.device))
             states.append(({k: v.clone() for k, v in e.module.state_dict().items()},
                            [p.clone() for group in e.optimizer.optimizer.param_groups for p in group["params"]]))
@@ -195,7 +197,8 @@ def _fast_engine_facts(rank, port, results):
         if impl == "fast":
             results["patch_embed_gemm"] = all(isinstance(m.patch_embed, MatmulPatchEmbed)
                                               for m in (model.encoder, model.teacher))
-        torch.manual_seed(2)  # the same masks and codebook draw
+        torch.manual_seed(2)  # the same masks and codebook draw (words: torch, view: Python's random)
+        random.seed(2)
         loss, _ = engine(x1, x2, momentum=0.99)
         engine.backward(loss)
         engine.step()

@@ -6,6 +6,8 @@ contributes its words (all-gathered in rank order). The dist_norm statistic is a
 """
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -54,6 +56,13 @@ class OnlineCodebook(nn.Module):
             stats /= world
         for stat in stats:
             self.dist_norm.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
+
+    @staticmethod
+    def draw_view(num_views: int = 2) -> int:
+        """Which view's teacher tokens give this step's new words, uniformly. Drawn on the host from Python's
+        `random` (as the official code draws it; the run checkpoints its state), not from a device tensor,
+        so that the step branches on no device value (no host synchronisation)."""
+        return int(random.random() * num_views)
 
     @torch.no_grad()
     def draw_words(self, tokens: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,9 +16,11 @@
   so one compilation per distinct input shape serves all of them), which fuses bias + GELU,
   residual + LayerNorm and the dtype casts. An activation memory budget below 1 lets the
   forward/backward partitioner recompute cheap ops in the backward instead of saving their outputs:
-  for a ViT-B block in bf16 at 0.8 it keeps 11 instead of 17 values per token and channel (it
-  recomputes the LayerNorm and GELU outputs, not a matmul or the attention; found on the CPU by
-  inspecting the partitioned graph; below 0.7 it recomputes the attention forward).
+  for a ViT-B block in bf16 at 0.8 (the default) it keeps 11 instead of 17 values per token and channel
+  (it recomputes the LayerNorm and GELU outputs, not a matmul or the attention; found on the CPU by
+  inspecting the partitioned graph, the same for ViT-L and the decoder's blocks; below 0.7 it recomputes
+  the attention forward). At ViT-B/16 batch 256 that is the difference between a predicted 27 GiB and
+  18.4 GiB peak (bench/estimate.py, BENCHMARKS.md); 1.0 keeps torch's default partition.
 The benches' standalone fast step (bench/steps.py) runs the forward under bf16 autocast: the fused
 loss kernels take their product dtype from it (moca_fast.kernels.matmul_dtype), and the reference
 losses' fp32 matmuls become bf16 ones, as in the official code. The trainer applies the same
@@ -47,7 +49,7 @@ class FastOptions:
     matmul_patch_embed: bool = True
     compile_blocks: bool = True
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces without generating code (tests)
-    activation_memory_budget: float = 1.0  # torch._functorch's, for the compiled blocks; 1.0: torch's default
+    activation_memory_budget: float = 0.8  # torch._functorch's, for the compiled blocks; 1.0: torch's default
 
 
 class MatmulPatchEmbed(nn.Module):

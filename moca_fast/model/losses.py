@@ -20,7 +20,9 @@ class TeacherTargets:
 
     bow: [2B, K] cross-view bag-of-words (row b: the bow of the *other* view of image b).
     codes: [2B, L, K] same-view soft codes (reference path), or None.
-    tokens: [2B, L, C] teacher final patch tokens, fp32 (fast path: codes are recomputed inside the loss).
+    tokens: [2B, L, C] teacher final patch tokens (fast path: codes are recomputed inside the loss), fp32, or in the
+        16-bit `products` dtype when there is one: the fused dense loss rounds them to it anyway, so storing them
+        rounded gives the same loss at half the memory.
     words: [K, C] codebook before this step's update; inv_temp: [1] = inv_delta / dist_norm_prev.
     products: the dtype of the fused ops' teacher products (see `teacher_products`), or None.
     """
@@ -79,7 +81,7 @@ def teacher_targets(tokens1: torch.Tensor, tokens2: torch.Tensor, words: torch.T
         with teacher_products(tokens1.device, products):
             bow1, stat1 = codebook_assign(tokens1, words, inv_temp, interior)
             bow2, stat2 = codebook_assign(tokens2, words, inv_temp, interior)
-        codes, tokens = None, torch.cat([tokens1, tokens2])
+        codes, tokens = None, torch.cat([t.to(products or t.dtype) for t in (tokens1, tokens2)])
     else:
         codes1, bow1, stat1 = assign_reference(tokens1, words, inv_temp, interior)
         codes2, bow2, stat2 = assign_reference(tokens2, words, inv_temp, interior)

@@ -111,6 +111,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 
 def generate_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config of a run."""
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
