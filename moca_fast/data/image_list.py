@@ -22,13 +22,19 @@ class PathTable(Sequence):
     equal to a list or tuple of the same strings.
     """
 
-    __slots__ = ("buffer", "offsets", "prefix", "_prefix_bytes")
+    __slots__ = ("buffer", "offsets", "prefix", "_prefix_bytes", "_bytes", "_starts")
 
     def __init__(self, buffer: np.ndarray, offsets: np.ndarray, prefix: str = ""):
         self.buffer = np.ascontiguousarray(buffer, dtype=np.uint8)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.prefix = prefix
         self._prefix_bytes = os.fsencode(prefix)
+        # read-only views that index to Python ints and bytes without numpy scalars (a worker's hot path)
+        self._bytes = memoryview(self.buffer).toreadonly()
+        self._starts = memoryview(self.offsets).toreadonly()
+
+    def __reduce__(self):
+        return PathTable, (self.buffer, self.offsets, self.prefix)
 
     @classmethod
     def from_strings(cls, strings, prefix: str = "") -> "PathTable":
@@ -47,8 +53,7 @@ class PathTable(Sequence):
         if not -n <= index < n:
             raise IndexError(f"path index {index} out of range for {n} paths")
         index %= n
-        start, stop = self.offsets[index], self.offsets[index + 1]
-        return os.fsdecode(self._prefix_bytes + self.buffer[start:stop].tobytes())
+        return os.fsdecode(self._prefix_bytes + self._bytes[self._starts[index]:self._starts[index + 1]].tobytes())
 
     def __iter__(self):
         data, offsets, prefix = self.buffer.tobytes(), self.offsets.tolist(), self._prefix_bytes

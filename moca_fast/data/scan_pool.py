@@ -25,7 +25,8 @@ WAKE_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """This process gets SIGKILL when its parent dies (Linux; elsewhere a no-op); exits now if it already did."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the parent's close and the pipe's EOF end the worker
@@ -37,7 +38,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _serve(conn, parent_pid: int) -> None:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     while True:
         try:
             fn, arg = conn.recv()
