@@ -3,7 +3,7 @@
 A Python list of 1.28 M path strings is 1.28 M objects: every worker process that reads an entry
 writes its reference count, so the pages it touches are copied into the worker (copy-on-write); over
 a few epochs each worker holds its own copy (~130 MB at ImageNet size). Here the paths are one
-numpy byte buffer plus an offsets array and the labels one int32 array: reading an entry writes
+numpy byte buffer plus an offsets array and the labels one int64 array: reading an entry writes
 nothing, so the forked workers keep sharing the parent's pages.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def concat_tables(tables: list[PathTable], prefix: str = "") -> PathTable:
 class ImageList:
     """The usable images of a folder: files[i] (absolute path) has label labels[i] into classes.
 
-    files is a PathTable over the paths relative to root (relpaths); labels an int32 array;
+    files is a PathTable over the paths relative to root (relpaths); labels an int64 array;
     pil_only the indices of files in a format only PIL decodes (DALI reads PNG copies of them).
     Lists given to the constructor are converted to those forms.
     """
@@ -120,7 +120,7 @@ class ImageList:
     def __post_init__(self):
         if not isinstance(self.files, PathTable):
             self.files = PathTable.from_strings(self.files)
-        self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.pil_only = np.asarray(self.pil_only, dtype=np.int64).reshape(-1)
         if len(self.labels) != len(self.files):
             raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
