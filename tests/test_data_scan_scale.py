@@ -235,3 +235,36 @@ def test_ranks_wait_for_a_long_rank0_computation_past_the_process_group_timeout(
     by_rank = {r: [v for rank, v in got if rank == r] for r in range(2)}
     assert by_rank[1][0] == "scanned", by_rank  # waited 8 s under a 3 s process-group timeout
     assert by_rank[0] == ["scanned", "ConfigError: bad folder"] and by_rank[1][1] == "ConfigError: bad folder"
+
+
+# ---------------------------------------------------------------- the k-NN folders within a run
+
+def test_a_run_scans_its_knn_folders_once_whatever_the_number_of_evaluations(tmp_path, monkeypatch):
+    import collections
+
+    import moca_fast.data as data
+    from free_port import free_port
+    from jpeg_folder import write_class_folders
+    from moca_fast.config import load_config
+    from moca_fast.train.loop import Trainer
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    train, knn_train, knn_val = (write_class_folders(tmp_path / name, 4) for name in ("train", "bank", "val"))
+    scans = collections.Counter()
+    real = data.scan_images
+    monkeypatch.setattr(data, "scan_images", lambda root, *a, **k: scans.update([os.fspath(root)]) or real(root, *a, **k))
+    cfg = load_config("tiny", None, dict(data=str(train), knn_train=str(knn_train), knn_val=str(knn_val), epochs=2,
+                                         eval_every=1, batch_size=4, num_workers=0, output=str(tmp_path / "run"),
+                                         data_backend="torch", log_every=1, ckpt_every=100))
+    import torch.distributed as dist
+
+    try:
+        result = Trainer(cfg).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("knn_top1" in m for m in metrics) == 1 and "knn_top1" in result  # + random init: 3 evaluations
+    assert scans == {str(train): 1, str(knn_train): 1, str(knn_val): 1}
