@@ -70,7 +70,7 @@ def _collate_two_views(samples):
             [bad for s in samples for bad in s[2]])
 
 
-class _ShardBatchSampler:
+class ShardBatchSampler:
     """Batches of dataset keys for the rank's epoch `epoch`, starting at batch `start_step`."""
 
     def __init__(self, shard: EpochShard):
@@ -104,28 +104,36 @@ class _WorkerInit:
 
 
 _live_iterators: weakref.WeakSet = weakref.WeakSet()
+_worker_pids: set[int] = set()
 
 
 @atexit.register  # registered after torch's own exit hooks, so it runs before them
 def _shut_down_workers_at_exit() -> None:
+    """Shuts down the workers of live iterators, then kills any worker of ours still alive (an iterator
+    collected without its workers exiting), before multiprocessing's exit handler waits on them."""
     for iterator in list(_live_iterators):
-        workers = list(getattr(iterator, "_workers", []))
-        iterator._shutdown_workers()
-        for w in workers:  # already removed from torch's SIGCHLD watch by _shutdown_workers
-            if w.is_alive():
-                w.kill()
-                w.join()
+        try:
+            iterator._shutdown_workers()  # also removes them from torch's SIGCHLD watch
+        except Exception:  # noqa: BLE001 - the kill below still ends them
+            pass
+    import multiprocessing
+
+    for process in multiprocessing.active_children():
+        if process.pid in _worker_pids:
+            process.kill()
+            process.join()
 
 
-def _iterate(loader: DataLoader):
-    """iter(loader), remembered until it is collected so that its workers are shut down at exit."""
+def iterate(loader: DataLoader):
+    """iter(loader), remembered (and its workers) so that they are ended at interpreter exit."""
     iterator = iter(loader)
     if loader.num_workers > 0:
         _live_iterators.add(iterator)
+        _worker_pids.update(w.pid for w in getattr(iterator, "_workers", []))
     return iterator
 
 
-def _data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
+def data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=persistent and num_workers > 0, worker_init_fn=_WorkerInit(), **kwargs)
 
@@ -142,9 +150,9 @@ class TorchTwoViewLoader(LoaderPosition):
         self.substituted = 0
         self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
                                 source=f"data folder {images.root}")
-        self._sampler = _ShardBatchSampler(self.shard)
+        self._sampler = ShardBatchSampler(self.shard)
         dataset = _TwoViewDataset(images.files, TwoViewTransform(cfg.img_size, cfg.crop_min), cfg.seed)
-        self._loader = _data_loader(dataset, self.device, cfg.num_workers, persistent=True,
+        self._loader = data_loader(dataset, self.device, cfg.num_workers, persistent=True,
                                     batch_sampler=self._sampler, collate_fn=_collate_two_views)
         self._normalize = Normalizer(self.device)
 
@@ -155,7 +163,7 @@ class TorchTwoViewLoader(LoaderPosition):
         self._sampler.epoch, self._sampler.start_step = self.epoch, self.step
         if self.step >= len(self):
             return
-        for view1, view2, failed in _iterate(self._loader):
+        for view1, view2, failed in iterate(self._loader):
             note_failed(self, failed)
             self.step += 1
             yield self._normalize(view1), self._normalize(view2)
@@ -201,7 +209,7 @@ class TorchEvalLoader:
         self.substituted = 0
         self.batch_size = batch_size or cfg.batch_size
         self.indices = range(rank, self.num_images, world_size)
-        self._loader = _data_loader(_EvalDataset(images, EvalTransform(cfg.img_size)), self.device,
+        self._loader = data_loader(_EvalDataset(images, EvalTransform(cfg.img_size)), self.device,
                                     cfg.num_workers, persistent=False, sampler=self.indices,
                                     batch_size=self.batch_size, collate_fn=_collate_eval)
         self._normalize = Normalizer(self.device)
@@ -210,7 +218,7 @@ class TorchEvalLoader:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self):
-        for images, labels, indices, failed in _iterate(self._loader):
+        for images, labels, indices, failed in iterate(self._loader):
             note_failed(self, failed)
             yield (self._normalize(images), labels.to(self.device, non_blocking=True),
                    indices.to(self.device, non_blocking=True))
