@@ -311,7 +311,9 @@ def test_data_benchmark_small_mode(tmp_path):
     assert {"synthetic", "torch", "dali-cpu"} <= set(rows)
     assert all(row["pairs_per_s"] > 0 for row in rows.values())
     lines = run.stdout.strip().splitlines()
-    assert lines[-len(rows) - 2].split() == ["backend", "workers", "device", "pairs/s", "startup", "s", "status"]
+    assert lines[-len(rows) - 2].split() == ["backend", "workers", "device", "pairs/s", "pairs/cpu-s", "startup", "s",
+                                             "status"]
+    assert all(row["pairs_per_cpu_s"] > 0 for row in rows.values() if row["backend"] != "synthetic")
     assert [line.split()[0] for line in lines[-len(rows):]] == [row["backend"] for row in results["rows"]]
 
 

@@ -14,22 +14,13 @@ import torch
 
 from moca_fast.config import load_config
 from moca_fast.data import torch_backend
-from moca_fast.data.image_list import ImageList, PathTable
+from moca_fast.data.image_list import synthetic_image_list
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PATHS = 1_050_000
 BATCH = 8192
 EPOCHS = 2
 MAX_GROWTH_MB = 16  # measured: +1 MB; the path strings of a Python list: +84 MB at this size, copied page by page
-
-
-def synthetic_images(n: int) -> ImageList:
-    """n ImageNet-like paths (1,000 class folders), no files."""
-    classes = [f"n{1440764 + 97 * c:08d}" for c in range(1000)]
-    names = (f"{classes[i % 1000]}/{classes[i % 1000]}_{i:08d}.JPEG" for i in range(n))
-    labels = torch.arange(n) % 1000
-    return ImageList(PathTable.from_strings(names, prefix="/data/imagenet/train/"), labels.numpy(), classes,
-                     root="/data/imagenet/train")
 
 
 class _ConstantViews:
@@ -53,7 +44,7 @@ def test_worker_memory_stays_flat_over_epochs_at_a_million_paths(monkeypatch):
     monkeypatch.setattr(torch_backend, "TwoViewTransform", _ConstantViews)
     monkeypatch.setattr(torch_backend, "sample_rng", lambda *key: None)  # seeds the augmentation: not used here
     cfg = load_config("tiny", overrides=dict(batch_size=BATCH, num_workers=1, seed=0))
-    loader = torch_backend.TorchTwoViewLoader(synthetic_images(NUM_PATHS), cfg, 0, 1, "cpu")
+    loader = torch_backend.TorchTwoViewLoader(synthetic_image_list(NUM_PATHS), cfg, 0, 1, "cpu")
     assert len(loader) == NUM_PATHS // BATCH
     uss = []
     for epoch in range(EPOCHS):

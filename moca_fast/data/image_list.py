@@ -153,3 +153,11 @@ class ImageList:
                 and np.array_equal(self.pil_only, other.pil_only))
 
     __hash__ = None
+
+
+def synthetic_image_list(n: int, classes: int = 1000, root: str = "/data/imagenet/train") -> ImageList:
+    """n ImageNet-like paths (root/<wnid>/<wnid>_<i>.JPEG in `classes` folders) without files: the list a
+    rank holds at ImageNet scale, for memory tests and benchmarks."""
+    names = [f"n{1440764 + 97 * c:08d}" for c in range(classes)]
+    paths = (f"{names[i % classes]}/{names[i % classes]}_{i:08d}.JPEG" for i in range(n))
+    return ImageList(PathTable.from_strings(paths, prefix=root + "/"), np.arange(n) % classes, names, root=root)

@@ -258,8 +258,13 @@ class _Scan:
                 tasks.append((self.root, index, [listing.rels[i] for i in chunk], [int(listing.sizes[i]) for i in chunk],
                               chunk))
         total = sum(len(t[4]) for t in tasks)
-        if not total:
-            return
+        if total:
+            self._check_chunks(listings, tasks, total)
+        for listing in listings:
+            if listing.stale:  # entries of files removed or changed since: the journal is rewritten compactly
+                self.journal.rewrite(listing.group, self._entries(listing))
+
+    def _check_chunks(self, listings: list[GroupListing], tasks: list, total: int) -> None:
         started = time.monotonic()
         wanted = math.ceil(total / MIN_FILES_PER_PROCESS)
         log.info("checking %s new or changed files in %s with %d processes", f"{total:,}", printable(self.root),
@@ -279,9 +284,6 @@ class _Scan:
             self.stats["check_s"] = time.monotonic() - started
         log.info("checked %s files of %s in %s (%s files/s)", f"{progress.done:,}", printable(self.root),
                  format_duration(self.stats["check_s"]), f"{progress.rate():,.0f}")
-        for listing in listings:
-            if listing.stale:
-                self.journal.rewrite(listing.group, self._entries(listing))
 
     @staticmethod
     def _entries(listing: GroupListing) -> list:
