@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import pickle
+import resource
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", type=int, default=None, help="synthetic paths of the memory part (default 1,281,167)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the memory part (default 8)")
     p.add_argument("--dir", default=None, help="where the JPEGs go (default: a temporary folder, removed after)")
+    p.add_argument("--parts", default="scan,first_step,broadcast,memory,loaders",
+                   help="what to measure (comma list); the others are taken from --reuse")
+    p.add_argument("--reuse", default=None, help="a JSON written by an earlier run: the parts not measured now")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -87,15 +91,24 @@ def make_jpegs(root: Path, count: int, size: tuple[int, int], classes: int) -> f
     return float(np.mean(sizes))
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (the scan's workers are reaped)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed_scan(root: Path, processes: int, cold: bool) -> dict:
+    """Wall time and CPU time (this process + its workers) of one scan: files per CPU-second is what one
+    dedicated core does, whatever else shares the cores here."""
     if cold:
         shutil.rmtree(root / CACHE_DIR_NAME, ignore_errors=True)
     stats: dict = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     images = scan_images(root, processes=processes, progress=False, stats=stats)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     return {"what": f"{'first' if cold else 'cached'} scan", "processes": processes, "files": len(images),
-            "seconds": seconds, "files_per_s": len(images) / seconds, "checked": stats["checked"]}
+            "seconds": seconds, "files_per_s": len(images) / seconds, "cpu_s": cpu,
+            "files_per_cpu_s": len(images) / cpu, "checked": stats["checked"]}
 
 
 def _free_port() -> int:
@@ -181,17 +194,22 @@ def loader_cost(small: bool, out: Path) -> list[dict]:
 def extrapolate(r: dict) -> list[str]:
     """The arithmetic from the measured figures to 1.28 M files on a 16-core node."""
     n, cores = IMAGENET_FILES, NODE_CORES
-    first2, cached2 = r["scan"]["first_2"], r["scan"]["cached_2"]
-    per_proc, cached_per_proc = first2["files_per_s"] / 2, cached2["files_per_s"] / 2
+    first1, first2, cached2 = r["scan"]["first_1"], r["scan"]["first_2"], r["scan"]["cached_2"]
+    # one scan process per dedicated core checks files_per_cpu_s (measured with 2 processes: their overheads in)
+    per_proc, cached_per_proc = first2["files_per_cpu_s"], cached2["files_per_cpu_s"]
     fixed = r["first_step_cached"]["seconds"] - cached2["seconds"]
     bcast = r["broadcast"]["seconds"]
     cold_scan, warm_scan = n / (per_proc * cores), n / (cached_per_proc * cores)
     lines = [
-        f"scan scaling here: {first2['files_per_s']:,.0f} files/s with 2 processes / "
-        f"{r['scan']['first_1']['files_per_s']:,.0f} with 1 = {r['scaling']:.2f}x (target >= 1.8x)",
-        f"first scan, 16 cores: {n:,} files / ({per_proc:,.0f} files/s per process x {cores}) = {cold_scan:,.0f} s"
+        f"scan scaling here (wall clock, cores shared with other jobs): {first2['files_per_s']:,.0f} files/s with 2 "
+        f"processes / {first1['files_per_s']:,.0f} with 1 = {r['scaling']:.2f}x (target >= 1.8x)",
+        f"scan cost per file: {1000 / first1['files_per_cpu_s']:.2f} CPU-ms with 1 process, "
+        f"{1000 / first2['files_per_cpu_s']:.2f} with 2 (work per file that does not grow with processes: "
+        f"{first2['files_per_cpu_s'] / first1['files_per_cpu_s']:.2f} of the 1-process rate per CPU-second)",
+        f"first scan, 16 cores: {n:,} files / ({per_proc:,.0f} files per CPU-second x {cores}) = {cold_scan:,.0f} s"
         f" (reads {n * r['mean_file_kb'] / 1024 / cold_scan:,.0f} MB/s: the storage must give that)",
-        f"cached re-scan, 16 cores: {n:,} / ({cached_per_proc:,.0f} x {cores}) = {warm_scan:,.1f} s",
+        f"cached re-scan, 16 cores: {n:,} / ({cached_per_proc:,.0f} files per CPU-second x {cores}) = "
+        f"{warm_scan:,.1f} s",
         f"fixed start-up (launcher, imports, DeepSpeed, 2 ranks): {r['first_step_cached']['seconds']:.1f} s to step 1 "
         f"with cached verdicts - {cached2['seconds']:.1f} s cached scan = {fixed:.1f} s",
         f"list broadcast: {bcast:.2f} s ({r['broadcast']['what']}, {r['broadcast']['mb']:.0f} MB)",
@@ -213,34 +231,43 @@ def main(argv=None) -> int:
     files = args.files or (240 if args.small else 8000)
     paths = args.paths or (20_000 if args.small else IMAGENET_FILES)
     epochs = args.epochs or (2 if args.small else 8)
+    parts = set(args.parts.split(","))
+    r: dict = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="moca_scale_"))
     root = work / "train"
     try:
-        size = (160, 120) if args.small else PHOTO
-        print(f"writing {files:,} JPEGs of {size[0]}x{size[1]} to {root} ...", file=sys.stderr)
-        r: dict = {"files": files, "paths": paths, "cores_here": len(os.sched_getaffinity(0)),
-                   "mean_file_kb": make_jpegs(root, files, size, classes=max(2, files // 80)) / 1024}
-        scans = {f"{'first' if cold else 'cached'}_{p}": timed_scan(root, p, cold)
-                 for cold in (True, False) for p in (1, 2)}
-        r["scan"] = scans
-        r["scaling"] = scans["first_2"]["files_per_s"] / scans["first_1"]["files_per_s"]
-        print("time to first step (2 ranks) ...", file=sys.stderr)
-        r["first_step_new"] = time_to_first_step(root, work / "run", cold=True)
-        r["first_step_cached"] = time_to_first_step(root, work / "run", cold=False)
-        r["broadcast"] = list_broadcast(IMAGENET_FILES if not args.small else paths)
-        print("worker memory ...", file=sys.stderr)
-        r["uss"] = worker_uss(paths, epochs)
-        print("loader cost ...", file=sys.stderr)
-        r["loaders"] = loader_cost(args.small, work / "data.json")
+        if parts & {"scan", "first_step"}:
+            size = (160, 120) if args.small else PHOTO
+            print(f"writing {files:,} JPEGs of {size[0]}x{size[1]} to {root} ...", file=sys.stderr)
+            r.update(files=files, cores_here=len(os.sched_getaffinity(0)),
+                     mean_file_kb=make_jpegs(root, files, size, classes=max(2, files // 80)) / 1024)
+        if "scan" in parts:
+            r["scan"] = {f"{'first' if cold else 'cached'}_{p}": timed_scan(root, p, cold)
+                         for cold in (True, False) for p in (1, 2)}
+            r["scaling"] = r["scan"]["first_2"]["files_per_s"] / r["scan"]["first_1"]["files_per_s"]
+        if "first_step" in parts:
+            print("time to first step (2 ranks) ...", file=sys.stderr)
+            r["first_step_new"] = time_to_first_step(root, work / "run", cold=True)
+            r["first_step_cached"] = time_to_first_step(root, work / "run", cold=False)
+        if "broadcast" in parts:
+            r["broadcast"] = list_broadcast(IMAGENET_FILES if not args.small else paths)
+        if "memory" in parts:
+            print("worker memory ...", file=sys.stderr)
+            r["paths"], r["uss"] = paths, worker_uss(paths, epochs)
+        if "loaders" in parts:
+            print("loader cost ...", file=sys.stderr)
+            r["loaders"] = loader_cost(args.small, work / "data.json")
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
+    files, scans = r["files"], r["scan"]
     rows = list(scans.values()) + [r["first_step_new"], r["first_step_cached"], r["broadcast"]]
     r["load_average"] = os.getloadavg()
     print(f"measured on {r['cores_here']} cores (load average {r['load_average'][0]:.1f} at the end: other jobs "
           f"share them): {files:,} JPEGs, mean {r['mean_file_kb']:.0f} KB")
     print(format_table(rows, [("what", "what", ""), ("processes", "processes", ""), ("files", "files", ""),
-                              ("seconds", "seconds", ".2f"), ("files/s", "files_per_s", ",.0f")]))
+                              ("seconds", "seconds", ".2f"), ("files/s", "files_per_s", ",.0f"),
+                              ("CPU s", "cpu_s", ".2f"), ("files/CPU-s", "files_per_cpu_s", ",.0f")]))
     print(f"worker USS (MB) after the first batch and each epoch: {[round(u, 1) for u in r['uss']['uss_mb']]}")
     print(format_table(r["loaders"], [("loader", "backend", ""), ("workers", "workers", ""),
                                       ("pairs/s", "pairs_per_s", ".1f"), ("pairs/cpu-s", "pairs_per_cpu_s", ".1f")]))
