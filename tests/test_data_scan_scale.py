@@ -239,32 +239,34 @@ def test_ranks_wait_for_a_long_rank0_computation_past_the_process_group_timeout(
 
 # ---------------------------------------------------------------- the k-NN folders within a run
 
-def test_a_run_scans_its_knn_folders_once_whatever_the_number_of_evaluations(tmp_path, monkeypatch):
-    import collections
-
+KNN_RUN = textwrap.dedent("""
+    import collections, json, os, sys
     import moca_fast.data as data
-    from free_port import free_port
-    from jpeg_folder import write_class_folders
     from moca_fast.config import load_config
     from moca_fast.train.loop import Trainer
-
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)
-    train, knn_train, knn_val = (write_class_folders(tmp_path / name, 4) for name in ("train", "bank", "val"))
+    train, bank, val, output = sys.argv[1:5]
     scans = collections.Counter()
     real = data.scan_images
-    monkeypatch.setattr(data, "scan_images", lambda root, *a, **k: scans.update([os.fspath(root)]) or real(root, *a, **k))
-    cfg = load_config("tiny", None, dict(data=str(train), knn_train=str(knn_train), knn_val=str(knn_val), epochs=2,
-                                         eval_every=1, batch_size=4, num_workers=0, output=str(tmp_path / "run"),
-                                         data_backend="torch", log_every=1, ckpt_every=100))
-    import torch.distributed as dist
+    data.scan_images = lambda root, *a, **k: scans.update([os.fspath(root)]) or real(root, *a, **k)
+    cfg = load_config("tiny", None, dict(data=train, knn_train=bank, knn_val=val, epochs=2, eval_every=1,
+                                         batch_size=4, num_workers=0, output=output, data_backend="torch",
+                                         log_every=1, ckpt_every=100))
+    result = Trainer(cfg).train()
+    print(json.dumps({"scans": scans, "final_knn": "knn_top1" in result}))
+""")
 
-    try:
-        result = Trainer(cfg).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def test_a_run_scans_its_knn_folders_once_whatever_the_number_of_evaluations(tmp_path):
+    from free_port import free_port
+    from jpeg_folder import write_class_folders
+
+    folders = [str(write_class_folders(tmp_path / name, 4)) for name in ("train", "bank", "val")]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", KNN_RUN, *folders, str(tmp_path / "run")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum("knn_top1" in m for m in metrics) == 1 and "knn_top1" in result  # + random init: 3 evaluations
-    assert scans == {str(train): 1, str(knn_train): 1, str(knn_val): 1}
+    assert sum("knn_top1" in m for m in metrics) == 1 and result["final_knn"]  # + random init: 3 evaluations
+    assert result["scans"] == {folder: 1 for folder in folders}
