@@ -10,7 +10,10 @@ and with a GPU: DALI's nvJPEG pipeline and torchvision's nvJPEG batch decode (de
 augmentation: the GPU decode ceiling where DALI cannot be installed). pairs/s is one image's two
 views per pair, the unit of the trainer's img/s; a loader keeps up when its pairs/s is at least
 twice the training step rate on the same machine. startup_s is the time to the first batch
-(workers, pipeline build). A table is printed last; --out writes the results as JSON.
+(workers, pipeline build). pairs/cpu-s divides the timed pairs by the CPU seconds that this process
+and all its children (loader workers, DALI threads) spent in the timed window: the loader's cost per
+core, independent of how many cores it got on a shared machine. A table is printed last; --out writes
+the results as JSON.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from common import env_info, first_line, format_table, sync, write_json
 from PIL import Image
@@ -63,6 +67,18 @@ def photo_like_jpegs(count: int, size: tuple[int, int]) -> Path:
     return root
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants."""
+    total = 0.0
+    for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def time_loader(make_loader, device: torch.device, warmup: int, steps: int) -> dict:
     """Builds a loader, takes 1 + warmup batches untimed, then times `steps` batches (across epochs)."""
     started = time.perf_counter()
@@ -78,15 +94,15 @@ def time_loader(make_loader, device: torch.device, warmup: int, steps: int) -> d
                 startup = time.perf_counter() - started
             if batches == 1 + warmup:
                 sync(device)
-                timed_from = time.perf_counter()
+                timed_from, cpu_from = time.perf_counter(), cpu_seconds()
             if batches == 1 + warmup + steps:
                 break
         epoch += 1
     sync(device)
-    seconds = time.perf_counter() - timed_from
+    seconds, cpu = time.perf_counter() - timed_from, cpu_seconds() - cpu_from
     pairs = steps * x1.shape[0]
-    return {"pairs_per_s": pairs / seconds, "startup_s": startup, "timed_pairs": pairs,
-            "view_shape": list(x1.shape[1:])}
+    return {"pairs_per_s": pairs / seconds, "pairs_per_cpu_s": pairs / cpu, "startup_s": startup,
+            "timed_pairs": pairs, "view_shape": list(x1.shape[1:])}
 
 
 def nvjpeg_decode_only(files: list[str], batch: int, warmup: int, steps: int) -> dict:
@@ -151,7 +167,8 @@ def main(argv=None) -> int:
     write_json(args.out, {"env": env_info(device), "data": data, "img_size": img_size, "batch": batch,
                           "steps": args.steps, "rows": rows})
     print(format_table(rows, [("backend", "backend", ""), ("workers", "workers", ""), ("device", "device", ""),
-                              ("pairs/s", "pairs_per_s", ".1f"), ("startup s", "startup_s", ".2f"),
+                              ("pairs/s", "pairs_per_s", ".1f"), ("pairs/cpu-s", "pairs_per_cpu_s", ".1f"),
+                              ("startup s", "startup_s", ".2f"),
                               ("status", "status", "")]))
     return 0
 

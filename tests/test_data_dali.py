@@ -27,7 +27,7 @@ from moca_fast.data.sharding import EpochShard
 from jpeg_folder import assert_same_batches, collect
 
 REPO = Path(__file__).resolve().parents[1]
-NO_AUGMENT = D.ViewAugment(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0, flip_p=0.0)
+NO_AUGMENT = T.ViewRecipe(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0, flip_p=0.0)
 IMG_SIZE = 32
 
 
@@ -95,8 +95,8 @@ def test_every_decodable_kind_reads_as_pil_does_and_bad_files_never_reach_dali(t
     cfg = config(tmp_path / "data", batch_size=len(good), crop_min=1.0)
     loader = D.DaliTwoViewLoader(images, cfg, 0, 1, "cpu", views=(NO_AUGMENT, NO_AUGMENT))
     assert loader.backend == "dali" and loader.num_images == len(good) and len(loader.skipped) == len(bad)
-    transcoded = [f for f in loader.files if f.startswith(str(cache / D.TRANSCODE_FOLDER))]
-    assert len(transcoded) == 1 and images.files[loader.files.index(transcoded[0])].endswith("gif_named.jpg")
+    (index, transcoded), = loader.replaced.items()
+    assert transcoded.startswith(str(cache / D.TRANSCODE_FOLDER)) and images.files[index].endswith("gif_named.jpg")
     (view1, view2), = collect(loader)
     order = EpochShard(len(good), 0, 1, len(good), cfg.seed).order(0)
     for row, index in enumerate(order):
@@ -160,15 +160,46 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(folder):
     assert_same_batches(collect(interrupted), reference[1:])  # the live pipeline continues
     resumed = build_train_loader(cfg)
     resumed.load_state_dict({"epoch": 0, "step": 2})
-    assert_same_batches(collect(resumed), reference[2:])  # a fresh pipeline replays 2 batches
+    assert_same_batches(collect(resumed), reference[2:])  # the reader starts at step 2
+
+
+def test_one_pipeline_per_run_and_a_resume_reads_only_the_remaining_batches(folder, monkeypatch):
+    built, read = [], []
+    real_pipeline, real_read = D.two_view_pipeline, D._EncodedDataset.read
+    monkeypatch.setattr(D, "two_view_pipeline", lambda *a, **k: built.append(1) or real_pipeline(*a, **k))
+    monkeypatch.setattr(D._EncodedDataset, "read", lambda self, i: read.append(i) or real_read(self, i))
+    cfg = config(folder, num_workers=0)  # the reader in this process, so that its reads are counted here
+    loader = build_train_loader(cfg)
+    reference = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        reference.append(collect(loader))
+    assert len(built) == 1 and len(read) == 3 * 12  # each image read once per epoch, one pipeline
+    built.clear()
+    read.clear()
+    resumed = build_train_loader(cfg)
+    resumed.load_state_dict({"epoch": 2, "step": 2})
+    resumed.set_epoch(2)
+    assert_same_batches(collect(resumed), reference[2][2:])
+    assert len(built) == 1 and len(read) == 4  # the last batch only: nothing decoded to be thrown away
+
+
+def test_the_loader_reuses_the_scans_verdicts_instead_of_opening_every_file(tmp_path, cache, monkeypatch):
+    good, _ = write_kinds(tmp_path / "data")
+    images = scan_images(tmp_path / "data")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    D.DaliTwoViewLoader(images, config(tmp_path / "data"), 0, 1, "cpu")
+    assert [f for f in opened if f.startswith(str(tmp_path / "data"))] == [str(tmp_path / "data" / "a" / "gif_named.jpg")]
 
 
 def test_a_file_broken_after_the_scan_is_substituted_not_fatal(tmp_path):
     for i in range(8):
         noise_image((40, 40), seed=i).save(tmp_path / f"{i}.jpg")
     loader = build_train_loader(config(tmp_path))
-    collect(loader)  # epoch 0's pipeline starts (and prefetches) at construction: break a file of epoch 1
-    broken = loader.files[int(loader.shard.order(1)[5])]  # read in batch 1 of epoch 1
+    collect(loader)  # epoch 0 runs, then a file of epoch 1 breaks
+    broken = loader.path(int(loader.shard.order(1)[5]))  # read in batch 1 of epoch 1
     Path(broken).write_bytes(b"overwritten after the scan")
     loader.set_epoch(1)
     batches = collect(loader)
@@ -195,8 +226,7 @@ def test_the_gpu_pipeline_graph_passes_dalis_device_placement_checks(folder):
     """device_id=0 gives the nvJPEG ("mixed") decoder and GPU ops; defining its graph needs no GPU and
     raises on a CPU operator fed GPU data or a GPU tensor passed as a named argument. (Building it
     needs CUDA: not run here.)"""
-    files = [str(p) for p in sorted(folder.iterdir())]
-    pipe = D.two_view_pipeline(files, 4, IMG_SIZE, 0.2, seed=0, device_id=0, expose_params=True)
+    pipe = D.two_view_pipeline(lambda: None, 4, IMG_SIZE, device_id=0)
     pipe._build_graph()  # DALI's graph definition step, run before the CUDA checks of build()
 
 
@@ -281,7 +311,9 @@ def test_data_benchmark_small_mode(tmp_path):
     assert {"synthetic", "torch", "dali-cpu"} <= set(rows)
     assert all(row["pairs_per_s"] > 0 for row in rows.values())
     lines = run.stdout.strip().splitlines()
-    assert lines[-len(rows) - 2].split() == ["backend", "workers", "device", "pairs/s", "startup", "s", "status"]
+    assert lines[-len(rows) - 2].split() == ["backend", "workers", "device", "pairs/s", "pairs/cpu-s", "startup", "s",
+                                             "status"]
+    assert all(row["pairs_per_cpu_s"] > 0 for row in rows.values() if row["backend"] != "synthetic")
     assert [line.split()[0] for line in lines[-len(rows):]] == [row["backend"] for row in results["rows"]]
 
 

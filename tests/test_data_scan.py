@@ -10,7 +10,8 @@ from PIL import Image
 
 from moca_fast.config import ConfigError
 from moca_fast.data import scan
-from moca_fast.data.scan import CACHE_FILE_NAME, scan_images
+from moca_fast.data.scan import scan_images
+from moca_fast.data.scan_cache import CACHE_DIR_NAME
 
 
 def jpeg_bytes(w=40, h=30, mode="RGB", seed=0):
@@ -71,7 +72,7 @@ def mixed_folder(tmp_path, monkeypatch):
     locked = bad["b/locked.jpg"][0]
 
     def open_with_one_locked_file(file, *args, **kwargs):
-        if os.fspath(file) == locked:
+        if not isinstance(file, int) and os.fspath(file) == locked:
             raise PermissionError(13, "Permission denied", locked)
         return real_open(file, *args, **kwargs)
 
@@ -85,7 +86,7 @@ def test_skip_mode_keeps_every_valid_kind_and_skips_each_bad_one(mixed_folder, c
         found = scan_images(root, bad_files="skip")
     assert found.classes == ["a", "b", "c"]
     assert sorted(found.files) == sorted(good.values())
-    assert found.labels == [0 if "/a/" in f else 1 for f in found.files]
+    assert found.labels.tolist() == [0 if "/a/" in f else 1 for f in found.files]
     assert [p for p, _ in found.skipped] == [path for path, _ in bad.values()]  # sorted order
     for (path, reason), (_, expected) in zip(found.skipped, bad.values()):
         assert reason.startswith(expected), (path, reason)
@@ -151,7 +152,7 @@ def test_flat_folder_is_one_class(tmp_path):
     root = tmp_path / "flat"
     paths = [write(root / f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(3)]
     found = scan_images(root)
-    assert found.files == paths and found.labels == [0, 0, 0] and found.classes == ["flat"]
+    assert found.files == paths and found.labels.tolist() == [0, 0, 0] and found.classes == ["flat"]
 
 
 def test_cache_skips_decoding_unchanged_files(tmp_path, monkeypatch):
@@ -160,11 +161,11 @@ def test_cache_skips_decoding_unchanged_files(tmp_path, monkeypatch):
         write(root / f"k{i % 2}/{i}.jpg", jpeg_bytes(seed=i))
     write(root / "k0/bad.jpg", b"nope")
     calls = []
-    real_check = scan.check_image
-    monkeypatch.setattr(scan, "check_image", lambda p: calls.append(p) or real_check(p))
+    real_check = scan.inspect_image
+    monkeypatch.setattr(scan, "inspect_image", lambda p: calls.append(p) or real_check(p))
 
     first = scan_images(root)
-    assert len(calls) == 7 and (root / CACHE_FILE_NAME).is_file()
+    assert len(calls) == 7 and (root / CACHE_DIR_NAME).is_dir()
     calls.clear()
     second = scan_images(root)
     assert calls == [] and second == first
@@ -181,13 +182,13 @@ def test_cache_skips_decoding_unchanged_files(tmp_path, monkeypatch):
 def test_cache_falls_back_to_the_user_cache_when_the_folder_is_not_writable(tmp_path, monkeypatch):
     root = tmp_path / "d"
     write(root / "k/a.jpg", jpeg_bytes())
-    (root / CACHE_FILE_NAME).mkdir()  # the cache file beside the data can be neither written nor read
+    (root / CACHE_DIR_NAME).write_bytes(b"")  # a file where the cache folder beside the data would be
     monkeypatch.setenv("MOCA_FAST_CACHE", str(tmp_path / "user_cache"))
     calls = []
-    real_check = scan.check_image
-    monkeypatch.setattr(scan, "check_image", lambda p: calls.append(p) or real_check(p))
+    real_check = scan.inspect_image
+    monkeypatch.setattr(scan, "inspect_image", lambda p: calls.append(p) or real_check(p))
     scan_images(root)
-    assert len(list((tmp_path / "user_cache" / "scans").glob("*.json.gz"))) == 1
+    assert len(list((tmp_path / "user_cache" / "scans").glob("*/*.jsonl"))) == 1
     scan_images(root)
     assert len(calls) == 1
 

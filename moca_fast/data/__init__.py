@@ -13,7 +13,8 @@ from typing import Iterator, Protocol
 import torch
 
 from moca_fast.config import ConfigError
-from moca_fast.data.scan import ImageList, scan_images
+from moca_fast.data.image_list import ImageList
+from moca_fast.data.scan import scan_images
 
 log = logging.getLogger("moca_fast.data")
 
@@ -71,7 +72,8 @@ def select_backend(requested: str, device, rank: int = 0) -> str:
 
 
 def scan_on_rank0(root: str, bad_files: str) -> ImageList:
-    """scan_images on rank 0, broadcast to all ranks (so all shard the same list); local when not distributed."""
+    """scan_images on rank 0 (on all the node's cores), broadcast to all ranks (so all shard the same list);
+    local when not distributed. The other ranks wait on rank 0's heartbeat, never on a collective timeout."""
     from moca_fast.distributed import on_rank0
 
     return on_rank0(lambda: scan_images(root, bad_files))

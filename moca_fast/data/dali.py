@@ -2,17 +2,24 @@
 
 One pipeline definition; the device is the only difference: on a GPU the decoder runs "mixed"
 (nvJPEG) and every image op on the GPU, without one everything runs on the CPU (device_id=None).
+
+Inputs: the pipeline has no file reader and no random operator. A torch DataLoader over the same
+batch sampler as the torch backend (keys (epoch, rank, position, index), the rank's EpochShard order)
+reads each file's bytes in its workers, takes the image size from the header, and draws the sample's
+random choices with transforms.sample_views from sample_rng(seed, epoch, rank, position): the very
+choices the torch backend makes for that sample. The batch of encoded files and choices is fed to the
+pipeline through an external source. So the pipeline is built once per run, every batch is a fixed
+function of (seed, epoch, rank, step), and a resume starts the DataLoader at the saved step: nothing
+is decoded to be thrown away.
+
 Per view, in the official order (moca_fast.data.transforms has the numbers):
 
-  crop      random_crop_generator (RandomResizedCrop's sampling: area fraction U(crop_min, 1),
-            log-uniform aspect in (3/4, 4/3), 10 attempts, then a centre crop) on the image
-            decoded once for both views (two ROI decodes, one per view, cost more than one full
-            decode and two slices), bilinear antialiased resize
-  jitter    with p 0.8: brightness, contrast, saturation, hue in a random order (one of the 24
-            orders, uniformly), factors as torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1)
-  grayscale with p 0.2 (ITU-R 601 luma, as PIL's convert("L")), blur with p 1.0 / 0.1
-            (sigma ~ U(0.1, 2), window 2*ceil(3 sigma)+1: PIL's GaussianBlur radius is its sigma),
-            solarize with p 0 / 0.2 (threshold 128), horizontal flip with p 0.5, then
+  crop      the given RandomResizedCrop window of the image decoded once for both views, bilinear
+            antialiased resize
+  jitter    brightness, contrast, saturation, hue in the given order (one of the 24), factors as
+            torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1)
+  grayscale (ITU-R 601 luma, as PIL's convert("L")), blur (window 2*ceil(3 sigma)+1: PIL's
+            GaussianBlur radius is its sigma), solarize (threshold 128), horizontal flip, then
             normalisation to float32 CHW (crop_mirror_normalize).
 
 The colour operations reproduce torchvision's PIL arithmetic: brightness, contrast and
@@ -25,83 +32,75 @@ Gaussian with mirrored borders where PIL uses three box blurs with repeated edge
 are scaled to 8 bits where the PIL path keeps the high byte. EXIF orientation is ignored by both
 backends, as by the official loader.
 
-Randomness: the pipeline of rank r in epoch e is seeded with sample_seed(seed, e, r), reads
-the rank's shard of the epoch in the order moca_fast.data.sharding.EpochShard gives (the same
-images per step as the torch backend). Resuming at step s rebuilds that pipeline and runs and
-discards s batches, so the remaining batches are identical to the uninterrupted run's.
-
-Files DALI cannot decode (GIF and other formats PIL reads under an image extension) are
-transcoded once to PNG under <cache>/dali_transcoded/ and read from there. A file that breaks
-after the scan stops the DALI pipeline; the loader then re-checks the epoch's files, substitutes
-each broken one by the next usable file of the list (as the torch backend does; counted in
-`substituted`, listed in `skipped`) and restarts the epoch's pipeline at the same step. A file that
-no longer decodes when the loader starts (changed behind the scan cache, same size and mtime) is
-substituted the same way.
+Files: the scan's verdicts are reused, nothing is checked again at start: the files it found in a
+format DALI cannot decode (GIF and other formats PIL reads under an image extension) are transcoded
+once to PNG under <cache>/dali_transcoded/ and read from there. A file that no longer reads or whose
+header no longer parses (changed since the scan) is replaced by the next usable file of the list in
+the DataLoader worker, as the torch backend does (counted in `substituted`, listed in `skipped`). A
+file that breaks the decoder itself (truncated after the scan) stops the pipeline: the loader then
+re-checks this rank's files of the epoch, substitutes each broken one the same way and rebuilds the
+pipeline at the same step.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import logging
 import os
 import socket
 import time
+import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import nvidia.dali.math as dmath
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
+from torch.utils.data import Dataset
 
-from moca_fast.data.scan import ImageList, cache_root, check_image, file_head, has_signature, open_rgb
-from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_seed
-from moca_fast.data.torch_backend import note_failed
-from moca_fast.data.transforms import (BLUR_RADIUS, CROP_ATTEMPTS, CROP_RATIO, CROP_SCALE_MAX, FLIP_P,
-                                       GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD, JITTER_BRIGHTNESS,
-                                       JITTER_CONTRAST, JITTER_HUE, JITTER_P, JITTER_SATURATION,
-                                       SOLARIZE_THRESHOLD, VIEWS)
+from moca_fast.data.image_list import ImageList
+from moca_fast.data.scan import DALI_SIGNATURES, cache_root, check_image, has_signature, open_rgb, printable
+from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
+from moca_fast.data.torch_backend import MAX_SUBSTITUTES, ShardBatchSampler, data_loader, iterate, note_failed
+from moca_fast.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, VIEWS, ViewParams,
+                                       ViewRecipe, sample_views)
 
 log = logging.getLogger("moca_fast.data")
 
 VIEW_NAMES = ("view1", "view2")
-PARAM_NAMES = ("image_shape", "crop_anchor", "crop_shape", "jitter", "jitter_factors", "jitter_order",
-               "grayscale", "blur", "blur_sigma", "solarize", "flip")
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-JITTER_RANGES = ((1 - JITTER_BRIGHTNESS, 1 + JITTER_BRIGHTNESS), (1 - JITTER_CONTRAST, 1 + JITTER_CONTRAST),
-                 (1 - JITTER_SATURATION, 1 + JITTER_SATURATION), (-JITTER_HUE, JITTER_HUE))
 JITTER_ORDERS = tuple(itertools.permutations(range(len(JITTER_OPS))))
 _HUE, _NO_OP = JITTER_OPS.index("hue"), -1
 # per order: the j-th operation before the hue and the j-th after it (_NO_OP where there is none)
 BLENDS_BEFORE_HUE = [[o[j] if j < o.index(_HUE) else _NO_OP for o in JITTER_ORDERS] for j in range(3)]
 BLENDS_AFTER_HUE = [[o[o.index(_HUE) + 1 + j] if o.index(_HUE) + 1 + j < 4 else _NO_OP for o in JITTER_ORDERS]
                     for j in range(3)]
-DALI_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+#: one view's choices as pipeline inputs: name -> (DALI type, dimensions, numpy type)
+PARAMS = {"crop": (types.INT32, 1, np.int32), "jitter": (types.BOOL, 0, np.bool_),
+          "jitter_factors": (types.FLOAT, 1, np.float32), "jitter_order": (types.INT32, 0, np.int32),
+          "grayscale": (types.BOOL, 0, np.bool_), "blur": (types.BOOL, 0, np.bool_),
+          "blur_sigma": (types.FLOAT, 0, np.float32), "solarize": (types.BOOL, 0, np.bool_),
+          "flip": (types.BOOL, 0, np.bool_)}
 TRANSCODE_FOLDER = "dali_transcoded"
-READER_NAME = "reader"
+IDENTITY_FACTORS = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 
 
-@dataclass(frozen=True)
-class ViewAugment:
-    """The probabilities of one view's random operations (PAPER_VIEWS: the paper's)."""
-
-    blur_p: float
-    solarize_p: float
-    jitter_p: float = JITTER_P
-    grayscale_p: float = GRAYSCALE_P
-    flip_p: float = FLIP_P
-
-
-PAPER_VIEWS = tuple(ViewAugment(r.blur_p, r.solarize_p) for r in VIEWS)
+def view_inputs(params: ViewParams) -> dict:
+    """One view's ViewParams as the pipeline's inputs (PARAMS; crop = top, left, height, width)."""
+    factors = {**IDENTITY_FACTORS, **dict(params.jitter)}
+    order = JITTER_ORDERS.index(tuple(JITTER_OPS.index(name) for name, _ in params.jitter)) if params.jitter else 0
+    values = {"crop": params.crop, "jitter": bool(params.jitter), "jitter_factors": [factors[op] for op in JITTER_OPS],
+              "jitter_order": order, "grayscale": params.grayscale, "blur": params.blur_radius is not None,
+              "blur_sigma": params.blur_radius or 0.0, "solarize": params.solarize, "flip": params.flip}
+    return {name: np.asarray(values[name], dtype=PARAMS[name][2]) for name in PARAMS}
 
 
 # ----------------------------------------------------------------------------------------------
 # pipeline graph (device-agnostic: every op takes the device of its input)
-
-def _coin(p: float):
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
 
 def _beside(scalar, img):
     """A per-sample CPU scalar, moved to img's device for arithmetic with img."""
@@ -180,86 +179,54 @@ def _color_jitter(img, factors, order):
     return img
 
 
-def _view(image, image_shape, aug: ViewAugment, img_size: int, crop_min: float):
-    """One augmented view of the decoded uint8 [H, W, 3] image: float32 [3, S, S] normalised, and its
-    random choices (PARAM_NAMES; crop_* in HW order, jitter_factors in JITTER_OPS order,
-    jitter_order indexes JITTER_ORDERS)."""
-    anchor, crop = fn.random_crop_generator(image_shape, random_area=[crop_min, CROP_SCALE_MAX],
-                                            random_aspect_ratio=list(CROP_RATIO), num_attempts=CROP_ATTEMPTS)
-    img = fn.slice(image, anchor, crop, axis_names="HW")
+def _view(image, p: dict, img_size: int):
+    """One augmented view of the decoded uint8 [H, W, 3] image with the choices p (PARAMS): float32 [3, S, S]."""
+    crop = p["crop"]
+    img = fn.slice(image, crop[0:2], crop[2:4], axis_names="HW")
     img = fn.resize(img, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
-    jitter = _coin(aug.jitter_p)
-    factors = [fn.random.uniform(range=list(r)) for r in JITTER_RANGES]
-    order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
-    grayscale, blur = _coin(aug.grayscale_p), _coin(aug.blur_p)
-    sigma = fn.random.uniform(range=list(BLUR_RADIUS))
-    solarize, flip = _coin(aug.solarize_p), _coin(aug.flip_p)
-    if jitter:
-        img = _color_jitter(img, factors, order)
-    if grayscale:
+    if p["jitter"]:
+        img = _color_jitter(img, [p["jitter_factors"][k] for k in range(len(JITTER_OPS))], p["jitter_order"])
+    if p["grayscale"]:
         luma = _luma(img)
         img = fn.cat(luma, luma, luma, axis=2)
-    if blur:
-        img = fn.gaussian_blur(img, sigma=sigma)
-    if solarize:
+    if p["blur"]:
+        img = fn.gaussian_blur(img, sigma=p["blur_sigma"])
+    if p["solarize"]:
         img = fn.lookup_table(img, keys=list(range(256)), dtype=types.UINT8,
                               values=[255 - v if v >= SOLARIZE_THRESHOLD else v for v in range(256)])
-    out = fn.crop_mirror_normalize(img, mirror=fn.cast(flip, dtype=types.INT32), dtype=types.FLOAT,
-                                   output_layout="CHW", mean=[255 * m for m in IMAGENET_MEAN],
-                                   std=[255 * s for s in IMAGENET_STD])
-    return out, (image_shape, anchor, crop, jitter, fn.stack(*factors), order, grayscale, blur, sigma,
-                 solarize, flip)
+    return fn.crop_mirror_normalize(img, mirror=fn.cast(p["flip"], dtype=types.INT32), dtype=types.FLOAT,
+                                    output_layout="CHW", mean=[255 * m for m in IMAGENET_MEAN],
+                                    std=[255 * s for s in IMAGENET_STD])
 
 
-def _two_view_graph(files: list[str], img_size: int, crop_min: float, views: tuple, decoder: str,
-                    expose_params: bool):
-    encoded, _ = fn.readers.file(files=files, random_shuffle=False, name=READER_NAME)
-    image_shape = fn.peek_image_shape(encoded, adjust_orientation=False)
-    image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
-    outputs, params = [], []
-    for aug in views:
-        out, choices = _view(image, image_shape, aug, img_size, crop_min)
-        outputs.append(out)
-        params.extend(choices)
-    return tuple(outputs) + (tuple(params) if expose_params else ())
+def input_names(views: int = len(VIEW_NAMES)) -> list[str]:
+    """The external source's outputs, in order: the encoded files, then each view's PARAMS."""
+    return ["encoded"] + [f"{v}_{name}" for v in VIEW_NAMES[:views] for name in PARAMS]
 
 
-def two_view_pipeline(files: list[str], batch_size: int, img_size: int, crop_min: float, seed: int,
-                      device_id: int | None = None, num_threads: int = 1,
-                      views: tuple[ViewAugment, ViewAugment] = PAPER_VIEWS, expose_params: bool = False):
-    """The (unbuilt) DALI pipeline reading `files` in order; outputs view1, view2 float32 [B, 3, S, S].
+def _two_view_graph(source, img_size: int, decoder: str):
+    names = input_names()
+    kinds = [(types.UINT8, 1)] + [PARAMS[n.split("_", 1)[1]][:2] for n in names[1:]]
+    inputs = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True,
+                                                dtype=[k[0] for k in kinds], ndim=[k[1] for k in kinds])))
+    image = fn.decoders.image(inputs["encoded"], device=decoder, output_type=types.RGB, adjust_orientation=False)
+    return tuple(_view(image, {name: inputs[f"{v}_{name}"] for name in PARAMS}, img_size) for v in VIEW_NAMES)
 
-    device_id=None: all on the CPU; else nvJPEG decode and GPU ops on that device.
-    expose_params adds, per view, the random choices named by output_names(True).
+
+def two_view_pipeline(source, batch_size: int, img_size: int, device_id: int | None = None, num_threads: int = 1):
+    """The (unbuilt) DALI pipeline; outputs view1, view2 float32 [B, 3, S, S].
+
+    source(): the next batch as a list of input_names() columns (the encoded files as uint8 arrays, the
+    choices as [B, ...] arrays); raises StopIteration at the end of an epoch. device_id=None: all on the
+    CPU; else nvJPEG decode and GPU ops on that device.
     """
     decoder = "cpu" if device_id is None else "mixed"
     build = pipeline_def(_two_view_graph, enable_conditionals=True)
-    return build(files, img_size, crop_min, tuple(views), decoder, expose_params, batch_size=batch_size,
-                 num_threads=num_threads, device_id=device_id, seed=seed & 0x7FFFFFFF)
-
-
-def output_names(expose_params: bool = False) -> list[str]:
-    params = [f"{v}_{p}" for v in VIEW_NAMES for p in PARAM_NAMES] if expose_params else []
-    return list(VIEW_NAMES) + params
+    return build(source, img_size, decoder, batch_size=batch_size, num_threads=num_threads, device_id=device_id)
 
 
 # ----------------------------------------------------------------------------------------------
-# files DALI cannot decode
-
-def _dali_decodes(path: str) -> bool:
-    """True when the file's signature is a format DALI decodes (JPEG, PNG, BMP, TIFF, WebP), or when
-    the file cannot be read now (the loader substitutes it if the reader meets it)."""
-    head = file_head(path)
-    return head is None or has_signature(head, DALI_SIGNATURES)
-
-
-def _why_unusable(path: str) -> str | None:
-    """None when DALI can read `path` now, else why not (the scan's check plus the format)."""
-    reason = check_image(path)
-    if reason is None and not _dali_decodes(path):
-        reason = "changed since the scan to a format DALI cannot decode"
-    return reason
-
+# the files: read in DataLoader workers, with their choices
 
 def _transcoded_path(path: str) -> str:
     """An RGB PNG copy of `path` (decoded as the scan decodes it), written once, keyed on size and mtime."""
@@ -275,30 +242,71 @@ def _transcoded_path(path: str) -> str:
     return str(target)
 
 
-def _check_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1)))
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data)).size
 
 
-def dali_readable_files(files: list[str]) -> tuple[list[str], dict[int, str]]:
-    """(`files` with each file DALI cannot decode replaced by its PNG transcode (logged), {index: why} of
-    the files that no longer decode at all: changed since the scan, with the same size and mtime)."""
-    started = time.monotonic()
-    with _check_threads() as pool:
-        decodable = list(pool.map(_dali_decodes, files, chunksize=256))
-    foreign = [i for i, ok in enumerate(decodable) if not ok]
-    out, broken = list(files), {}
-    for i in foreign:
-        try:
-            out[i] = _transcoded_path(files[i])
-        except Exception as e:  # PIL raises many types on a file that no longer decodes
-            broken[i] = f"changed since the scan and no longer decodes ({type(e).__name__}: {' '.join(str(e).split())})"
-    transcoded = [i for i in foreign if i not in broken]
-    if transcoded:
-        shown = ", ".join(files[i] for i in transcoded[:5]) + (" ..." if len(transcoded) > 5 else "")
-        log.info("DALI: %d images in formats DALI cannot decode are read from PNG copies in %s: %s",
-                 len(transcoded), cache_root() / TRANSCODE_FOLDER, shown)
-    log.info("DALI: checked the format of %d files in %.1f s", len(files), time.monotonic() - started)
-    return out, broken
+class _EncodedDataset(Dataset):
+    """Key (epoch, rank, position, file index) -> (encoded bytes uint8 [n], the views' choices, failed files).
+
+    A file that cannot be read, is no longer in a format DALI decodes or whose header does not parse is
+    replaced by the next usable file of the list; `unusable` holds the indices found broken before."""
+
+    def __init__(self, files, replaced: dict[int, str], unusable: set[int], seed: int, crop_min: float, recipes):
+        self.files, self.replaced, self.unusable = files, replaced, unusable
+        self.seed, self.crop_min, self.recipes = seed, crop_min, recipes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int):
+        failed = []
+        for k in range(min(MAX_SUBSTITUTES, len(self.files))):
+            candidate = (index + k) % len(self.files)
+            if candidate in self.unusable:
+                continue
+            try:
+                path = self.replaced.get(candidate) or self.files[candidate]
+                with open(path, "rb") as f:
+                    data = f.read()
+                if not has_signature(data[:12], DALI_SIGNATURES):
+                    raise ValueError("changed since the scan to a format DALI cannot decode")
+                return data, _header_size(data), failed
+            except Exception as e:  # any read or header failure of a file that passed the scan
+                failed.append((self.files[candidate], f"{type(e).__name__}: {' '.join(str(e).split())}"))
+        raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive images failed to load, first {printable(failed[0][0])}: "
+                           f"{printable(failed[0][1])}; the data folder changed since it was scanned")
+
+    def __getitem__(self, key):
+        epoch, rank, position, index = key
+        data, (width, height), failed = self.read(index)
+        views = sample_views(sample_rng(self.seed, epoch, rank, position), width, height, self.crop_min, self.recipes)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), [view_inputs(v) for v in views], failed
+
+
+def _collate_encoded(samples):
+    """(all files' bytes concatenated uint8 [sum n], their lengths, {input name: [B, ...]}, failed files)."""
+    columns = {f"{v}_{name}": np.stack([s[1][i][name] for s in samples])
+               for i, v in enumerate(VIEW_NAMES) for name in PARAMS}
+    return (torch.cat([s[0] for s in samples]), [len(s[0]) for s in samples], columns,
+            [bad for s in samples for bad in s[2]])
+
+
+class _Source:
+    """The pipeline's source: the loader's next inputs, through a weak reference (no reference cycle, so a
+    dropped loader is freed at once and its reader's workers shut down)."""
+
+    def __init__(self, loader: "DaliTwoViewLoader"):
+        self.loader = weakref.ref(loader)
+
+    def __call__(self) -> list:
+        loader = self.loader()
+        if loader is None:
+            raise StopIteration
+        return loader._next_inputs()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,92 +315,124 @@ def dali_readable_files(files: list[str]) -> tuple[list[str], dict[int, str]]:
 class DaliTwoViewLoader(LoaderPosition):
     """Yields (x1, x2): float32 [B, 3, S, S] on `device`, two views of the same B images.
 
-    One DALI pipeline per epoch over this rank's shard (see the module docstring).
+    One DALI pipeline for the run, fed by a DataLoader over this rank's shard (see the module docstring).
     """
 
     backend = "dali"
 
     def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device,
-                 views: tuple[ViewAugment, ViewAugment] = PAPER_VIEWS):
+                 views: tuple[ViewRecipe, ViewRecipe] = VIEWS):
         self.device = torch.device(device)
         self.num_images = len(images)
+        self.images = images
         self.skipped = list(images.skipped)
+        self.substituted = 0
         self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
                                 source=f"data folder {images.root}")
-        self.substituted = 0
-        self.files, broken = dali_readable_files(images.files)
-        self._substitute(broken)
-        self.img_size, self.crop_min, self.views = cfg.img_size, cfg.crop_min, views
+        self.img_size, self.views, self.cfg = cfg.img_size, views, cfg
         self.num_threads = max(1, cfg.num_workers)
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
-        # (epoch, next step, DALIGenericIterator) of the running pipeline; epoch 0's is built now, so
-        # that a pipeline that cannot run here fails at construction and prefetching starts early
-        self._live = (0, 0, self._start(0, 0))
+        self.replaced = self._transcode(images)
+        self.unusable: set[int] = set()
+        self._sampler = ShardBatchSampler(self.shard)
+        self._reader = self._make_reader()
+        self._batches = None  # the reader's iterator of the current epoch: the pipeline's source
+        self._pipeline = self._build_pipeline()
+        self._state = ("fresh", None)  # or ("running", (epoch, next step)), ("drained", None)
 
     def __len__(self) -> int:
         return self.shard.steps
 
-    def _start(self, epoch: int, step: int) -> DALIGenericIterator:
-        """The iterator of `epoch`'s pipeline, positioned at batch `step`."""
-        self._live = None
-        order = self.shard.order(epoch)[: self.shard.steps * self.shard.batch_size]
-        pipe = two_view_pipeline([self.files[i] for i in order], self.shard.batch_size, self.img_size,
-                                 self.crop_min, sample_seed(self.shard.seed, epoch, self.shard.rank),
-                                 self.device_id, self.num_threads, self.views)
-        iterator = DALIGenericIterator(pipe, list(VIEW_NAMES), reader_name=READER_NAME,
-                                       last_batch_policy=LastBatchPolicy.DROP)
-        if step:
-            started = time.monotonic()
-            for _ in range(step):
-                next(iterator)
-            log.info("DALI: resumed epoch %d at step %d (%.1f s to replay the skipped batches)",
-                     epoch, step, time.monotonic() - started)
-        return iterator
+    def path(self, index: int) -> str:
+        """The file read for image `index` (its PNG copy when DALI cannot decode the original)."""
+        return self.replaced.get(index) or self.images.files[index]
+
+    def _transcode(self, images: ImageList) -> dict[int, str]:
+        replaced = {}
+        for index in images.pil_only.tolist():
+            try:
+                replaced[index] = _transcoded_path(images.files[index])
+            except Exception:  # noqa: BLE001 - no longer decodes: the reader substitutes it when drawn
+                pass
+        if replaced:
+            shown = ", ".join(printable(images.files[i]) for i in list(replaced)[:5]) + (" ..." if len(replaced) > 5 else "")
+            log.info("DALI: %d images in formats DALI cannot decode are read from PNG copies in %s: %s",
+                     len(replaced), printable(cache_root() / TRANSCODE_FOLDER), shown)
+        return replaced
+
+    def _make_reader(self):
+        dataset = _EncodedDataset(self.images.files, self.replaced, set(self.unusable), self.shard.seed,
+                                  self.cfg.crop_min, self.views)
+        # reading and header parsing are ~1 % of a CPU decode: a few workers feed all the pipeline's threads
+        return data_loader(dataset, self.device, min(self.cfg.num_workers, 4), persistent=True,
+                           batch_sampler=self._sampler, collate_fn=_collate_encoded)
+
+    def _build_pipeline(self) -> DALIGenericIterator:
+        pipe = two_view_pipeline(_Source(self), self.shard.batch_size, self.img_size, self.device_id,
+                                 self.num_threads)
+        return DALIGenericIterator(pipe, list(VIEW_NAMES), prepare_first_batch=False)
+
+    def _next_inputs(self) -> list:
+        """The pipeline's source: the next batch of the reader as input_names() columns."""
+        encoded, lengths, columns, failed = next(self._batches)
+        note_failed(self, failed)
+        files = np.split(encoded.numpy(), np.cumsum(lengths)[:-1])
+        return [files] + [columns[name] for name in input_names()[1:]]
+
+    def _position_pipeline(self) -> None:
+        """Points the pipeline's source at (epoch, step): the live pipeline continues where it stands, a
+        drained one is reset for the next epoch, one left mid-epoch elsewhere is rebuilt."""
+        state, position = self._state
+        if state == "running" and position == (self.epoch, self.step):
+            return
+        if state == "running" and position[1] == len(self):  # its source ended that epoch: collect the end
+            try:
+                next(self._pipeline)
+                raise RuntimeError("the DALI pipeline gave a batch past the end of its epoch")
+            except StopIteration:
+                state = "drained"
+        elif state == "running":
+            self._pipeline = self._build_pipeline()
+            state = "fresh"
+        self._sampler.epoch, self._sampler.start_step = self.epoch, self.step
+        self._batches = iterate(self._reader)
+        if state == "drained":
+            self._pipeline.reset()
+        self._state = ("running", (self.epoch, self.step))
 
     def __iter__(self):
-        live = self._live
-        iterator = live[2] if live and live[:2] == (self.epoch, self.step) else None
+        if self.step >= len(self):
+            return
+        self._position_pipeline()
         while self.step < len(self):
             try:
-                iterator = iterator or self._start(self.epoch, self.step)
-                batch = next(iterator)[0]
+                batch = next(self._pipeline)[0]
             except RuntimeError as error:  # DALI stops on a file that broke after the scan
                 self._recover(error)
-                iterator = None
                 continue
             self.step += 1
-            self._live = (self.epoch, self.step, iterator) if self.step < len(self) else None
+            self._state = ("running", (self.epoch, self.step))
             yield (batch["view1"].to(self.device, non_blocking=True),
                    batch["view2"].to(self.device, non_blocking=True))
 
     def _recover(self, error: RuntimeError) -> None:
-        """Re-checks this epoch's files and substitutes each broken one by the next usable file of the
-        list (as the torch backend does); re-raises `error` when none is broken."""
-        self._live = None
+        """Re-checks this epoch's files, marks the broken ones unusable (the reader substitutes them), and
+        rebuilds the reader and the pipeline at the same step; re-raises `error` when none is broken."""
         log.warning("DALI pipeline failed in epoch %d at step %d (%s); re-checking this epoch's %d files",
-                    self.epoch, self.step, " ".join(str(error).split())[:300], self.shard.per_rank)
-        indices = sorted({int(i) for i in self.shard.order(self.epoch)})
-        with _check_threads() as pool:
-            reasons = list(pool.map(lambda i: _why_unusable(self.files[i]), indices))
+                    self.epoch, self.step, printable(" ".join(str(error).split())[:300]), self.shard.per_rank)
+        indices = sorted({int(i) for i in self.shard.order(self.epoch)} - self.unusable)
+        with ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
+            reasons = list(pool.map(lambda i: check_image(self.path(i)), indices))
         broken = {i: reason for i, reason in zip(indices, reasons) if reason is not None}
         if not broken:
             raise error
-        self._substitute(broken)
-
-    def _substitute(self, broken: dict[int, str]) -> None:
-        """Each broken file (index: why) is replaced by the next usable file of the list, as the torch
-        backend does (logged, counted in `substituted`, listed in `skipped`)."""
         for index, reason in broken.items():
-            note_failed(self, [(self.files[index], reason)])
-            self.files[index] = self.files[self._next_usable(index, broken)]
-
-    def _next_usable(self, index: int, broken: dict) -> int:
-        n = len(self.files)
-        for j in (k % n for k in range(index + 1, index + n)):
-            if j not in broken and _why_unusable(self.files[j]) is None:
-                return j
-        raise RuntimeError(f"no usable image left in {self.num_images} files; the data folder changed since the scan")
-
+            note_failed(self, [(self.images.files[index], reason)])
+        self.unusable |= set(broken)
+        self._reader = self._make_reader()
+        self._pipeline = self._build_pipeline()
+        self._state = ("fresh", None)
+        self._position_pipeline()

@@ -1,60 +1,69 @@
-"""Finds the images of a folder, checks that each one decodes, and caches the verdicts.
+"""Finds the images of a folder, checks that each one decodes, and keeps the verdicts.
 
 Layout: class sub-folders (ImageNet style, images found recursively inside each class folder;
 label = index of the folder name in sorted order) or a flat folder of images (one class).
 A file is a candidate if its extension is an image extension (case-insensitive) or its first
 bytes are a JPEG/PNG/BMP/WEBP signature. Every candidate is really decoded once (JPEGs cheaply,
 at 1/8 scale through PIL's draft mode, which still parses the whole bitstream so truncation is
-caught). Verdicts are cached in a gzip'd JSON file beside the data (or under
-<cache root>/scans/ when the folder is read-only), keyed on each file's size and mtime, so a
-re-run lists the folder but decodes only new or changed files.
-Each folder is walked once (by device and inode: a symlink loop ends, a `self -> .` link adds
-nothing) and each file is used once; every entry not used is counted and named in the log: bad images
-in `skipped`, the rest (non-images, hidden, second links, loops, files beside class folders) in `ignored`.
+caught); an image of more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is
+skipped as too large. Each folder is walked once (by device and inode: a symlink loop ends, a
+`self -> .` link adds nothing) and each file is used once; every entry not used is counted and named
+in the log: bad images in `skipped`, the rest (non-images, hidden, second links, loops, files beside
+class folders) in `ignored`. Names are logged with control characters escaped (one line per entry).
+
+Scale: the class folders are listed in parallel and the files checked in parallel, in worker
+processes (moca_fast.data.scan_pool: one per core by default, no GIL ceiling). Verdicts are kept in
+journals (moca_fast.data.scan_cache) keyed on each file's size and mtime and appended chunk by chunk,
+so an interrupted scan resumes where it stopped and a re-scan decodes only new or changed files.
+`python -m moca_fast.data scan DIR` runs the scan ahead of training; the trainer reuses its journals.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import logging
+import math
 import os
+import re
 import time
+import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from moca_fast.config import ConfigError
+from moca_fast.data.image_list import ImageList, PathTable, concat_tables
+from moca_fast.data.scan_cache import CACHE_DIR_NAME, Journal, choose_cache_dir
+from moca_fast.data.scan_pool import Progress, WorkerPool, format_duration, map_inline
+from moca_fast.data.scan_walk import GroupListing, Walk, list_group, listing_of
 
 log = logging.getLogger("moca_fast.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MIN_IMAGE_SIDE = 2
-CACHE_FILE_NAME = ".moca_fast_scan.json.gz"
-CACHE_FORMAT = 1
 LISTED_BAD_FILES = 20
+CHECK_CHUNK = 256  # files per task (and per journal line): at ~1.5 ms a file, well under a second
+MIN_FILES_PER_PROCESS = 64  # fewer files to check than this per process: checked in this process
 
-_OK, _NOT_IMAGE, _BAD = "ok", "skip", "bad:"
+# verdicts (as kept in the journals) and their codes in memory
+_OK, _OK_PIL, _NOT_IMAGE, _BAD = "ok", "ok:pil", "skip", "bad:"
+_CODE_OK, _CODE_PIL, _CODE_NOT_IMAGE, _CODE_BAD, _CODE_DUPLICATE = 0, 1, 2, 3, 4
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+#: formats DALI decodes (JPEG, PNG, BMP, TIFF; WebP by has_signature): others are read from PNG copies
+DALI_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 
 
-@dataclass
-class ImageList:
-    """The usable images of a folder: files[i] (absolute path) has label labels[i] into classes."""
+def printable(text: str) -> str:
+    """`text` with control characters, line separators and undecodable bytes escaped (\\n, \\x1b, ...),
+    so that a file name always stays on its log line."""
+    def escape(match: re.Match) -> str:
+        char = match.group()
+        if "\udc80" <= char <= "\udcff":
+            return f"\\x{ord(char) - 0xDC00:02x}"
+        return repr(char)[1:-1]
 
-    files: list[str]
-    labels: list[int]
-    classes: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # bad images: (path, why)
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # everything else not used: (path, why)
-    root: str = ""
-
-    def __len__(self) -> int:
-        return len(self.files)
+    return _UNPRINTABLE.sub(escape, str(text))
 
 
 def cache_root() -> Path:
@@ -82,29 +91,50 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def check_image(path: str) -> str | None:
-    """Decodes one file cheaply; None when usable, else a one-line reason."""
+def pixel_limit() -> int | None:
+    """Images of more pixels are skipped: PIL's decompression-bomb threshold, Image.MAX_IMAGE_PIXELS
+    (89.5 M by default; None: no limit). A program may change it before scanning."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+def inspect_image(path: str) -> tuple[str | None, bytes]:
+    """Decodes one file cheaply: (None when usable, else a one-line reason; the file's first 12 bytes)."""
     try:
         f = open(path, "rb")
     except OSError as e:
-        return f"unreadable ({type(e).__name__}: {e.strerror})"
+        return f"unreadable ({type(e).__name__}: {e.strerror})", b""
     with f:
         if os.fstat(f.fileno()).st_size == 0:
-            return "empty file (0 bytes)"
+            return "empty file (0 bytes)", b""
+        head = f.read(12)
+        f.seek(0)
         try:
-            img = Image.open(f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
             width, height = img.size
             if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
-                return f"too small: {width}x{height} pixels (need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})"
+                return f"too small: {width}x{height} pixels (need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})", head
+            limit = pixel_limit()
+            if limit and width * height > limit:
+                return (f"too large: {width}x{height} pixels, more than the limit of {limit:,} "
+                        f"(PIL's decompression-bomb threshold, PIL.Image.MAX_IMAGE_PIXELS)"), head
             if img.format == "JPEG":
                 img.draft("RGB", (1, 1))
             img.load()
             to_rgb(img)
+        except Image.DecompressionBombError as e:
+            return f"too large ({_one_line(e)})", head
         except Image.UnidentifiedImageError:
-            return "not an image PIL can decode"
+            return "not an image PIL can decode", head
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on corrupt data
-            return f"corrupt or truncated ({type(e).__name__}: {_one_line(e)})"
-    return None
+            return f"corrupt or truncated ({type(e).__name__}: {_one_line(e)})", head
+    return None, head
+
+
+def check_image(path: str) -> str | None:
+    """None when the file is a usable image, else a one-line reason (see inspect_image)."""
+    return inspect_image(path)[0]
 
 
 def _one_line(e: BaseException) -> str:
@@ -130,128 +160,135 @@ def _has_image_signature(path: str) -> bool:
     return head is not None and has_signature(head, _SIGNATURES)
 
 
-class _Walk:
-    """One walk of a data folder: each folder is entered once (by device and inode, so a symlink loop
-    ends), each file is listed once, and every entry not listed is kept in `ignored` with why."""
-
-    def __init__(self):
-        self.folders: set[tuple[int, int]] = set()
-        self.files: dict[tuple[int, int], str] = {}
-        self.ignored: list[tuple[str, str]] = []
-
-    def enter(self, folder: str) -> bool:
-        """False (noted in `ignored`) when `folder` was entered before under another path."""
-        st = os.stat(folder)
-        key = (st.st_dev, st.st_ino)
-        if key in self.folders:
-            self.ignored.append((folder, "folder already walked (a symlink loop or a second link to it)"))
-            return False
-        self.folders.add(key)
-        return True
-
-    def list_files(self, folder: str) -> list[tuple[str, int, int]]:
-        """(path, size, mtime_ns) of the files under folder, recursively, in sorted-path order.
-
-        Hidden entries, pipes, sockets, devices and second paths to a file already listed are ignored;
-        size -1 marks a file that cannot be stat'ed.
-        """
-        out = []
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            self.ignored.append((folder, f"cannot list the folder ({e.strerror})"))
-            return out
-        for entry in entries:
-            if entry.name.startswith("."):
-                if not entry.name.startswith(CACHE_FILE_NAME):
-                    self.ignored.append((entry.path, "hidden"))
-                continue
-            try:
-                if entry.is_dir():
-                    if self.enter(entry.path):
-                        out.extend(self.list_files(entry.path))
-                elif entry.is_file():
-                    st = entry.stat()
-                    first = self.files.setdefault((st.st_dev, st.st_ino), entry.path) if st.st_ino else entry.path
-                    if first != entry.path:
-                        self.ignored.append((entry.path, f"duplicate: the same file as {first}"))
-                    else:
-                        out.append((entry.path, st.st_size, st.st_mtime_ns))
-                elif entry.is_symlink():  # a broken link: reported as unreadable
-                    out.append((entry.path, -1, -1))
-                else:
-                    self.ignored.append((entry.path, "not a regular file"))
-            except OSError:
-                out.append((entry.path, -1, -1))
-        return out
-
-
-def _cache_paths(root: str) -> list[Path]:
-    digest = hashlib.sha1(root.encode()).hexdigest()[:16]
-    return [Path(root) / CACHE_FILE_NAME, cache_root() / "scans" / f"{digest}.json.gz"]
-
-
-def _load_cache(root: str) -> dict[str, list]:
-    for path in _cache_paths(root):
-        try:
-            with gzip.open(path, "rt") as f:
-                data = json.load(f)
-            if data.get("format") == CACHE_FORMAT:
-                return data["files"]
-        except (OSError, ValueError, KeyError, EOFError):
-            continue
-    return {}
-
-
-def _save_cache(root: str, entries: dict[str, list]) -> None:
-    payload = json.dumps({"format": CACHE_FORMAT, "root": root, "files": entries}, separators=(",", ":"))
-    for path in _cache_paths(root):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with gzip.open(tmp, "wt", compresslevel=1) as f:
-                f.write(payload)
-            os.replace(tmp, path)
-            return
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    log.warning("could not write the scan cache for %s anywhere; the next run decodes it again", root)
-
-
 def _verdict(path: str, size: int) -> str:
     if size < 0:
         return _BAD + "unreadable (cannot stat: broken link or no permission)"
     if not path.lower().endswith(IMAGE_EXTENSIONS) and not _has_image_signature(path):
         return _NOT_IMAGE
-    reason = check_image(path)
-    return _OK if reason is None else _BAD + reason
+    reason, head = inspect_image(path)
+    if reason is not None:
+        return _BAD + reason
+    return _OK if has_signature(head, DALI_SIGNATURES) else _OK_PIL
 
 
-def _check_all(listing: list[tuple[str, int, int]], root: str) -> dict[str, list]:
-    """Verdict per relative path, decoding only files absent from the cache or changed since."""
-    cached = _load_cache(root)
-    entries, todo = {}, []
-    for path, size, mtime in listing:
-        rel = os.path.relpath(path, root)
-        hit = cached.get(rel)
-        if hit is not None and hit[0] == size and hit[1] == mtime and size >= 0:
-            entries[rel] = hit
-        else:
-            todo.append((rel, path, size, mtime))
-    if todo:
+def _check_chunk(task) -> list[str]:
+    """Verdicts of one chunk (root, group index, relative paths, sizes, positions): a task of the checking phase."""
+    root, _, rels, sizes, _ = task
+    return [_verdict(os.path.join(root, rel), size) for rel, size in zip(rels, sizes)]
+
+
+def _code(verdict: str) -> int:
+    if verdict == _OK:
+        return _CODE_OK
+    if verdict == _OK_PIL:
+        return _CODE_PIL
+    return _CODE_NOT_IMAGE if verdict == _NOT_IMAGE else _CODE_BAD
+
+
+def _default_processes() -> int:
+    from moca_fast.train.cpu_threads import usable_cores
+
+    return usable_cores()
+
+
+class _Scan:
+    """One scan of `root`: list the groups (class folders, or the root), check what the journals do not
+    know, merge into an ImageList. Work runs in a WorkerPool when it is worth starting one."""
+
+    def __init__(self, root: str, processes: int | None, progress: bool):
+        self.root = root
+        self.processes = max(1, processes if processes is not None else _default_processes())
+        self.progress = progress
+        self.pool: WorkerPool | None = None
+        self.journal = Journal(choose_cache_dir(root, cache_root()), pixel_limit())
+        if self.journal.folder is None:
+            log.warning("no writable place for the scan cache of %s; the next scan checks every file again",
+                        printable(root))
+        self.stats = {"processes": self.processes, "cache": str(self.journal.folder), "listed": 0, "cached": 0,
+                      "checked": 0, "list_s": 0.0, "check_s": 0.0}
+
+    def run(self, fn, tasks: list, workers_wanted: int):
+        """(task, fn(task)) for each task, in a pool when more than one worker is wanted."""
+        if min(workers_wanted, self.processes) <= 1 or len(tasks) <= 1:
+            return map_inline(fn, tasks)
+        if self.pool is None:
+            self.pool = WorkerPool(self.processes)
+        return self.pool.map_unordered(fn, tasks)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    # ---------------------------------------------------------------- listing
+    def list_groups(self, groups: list[str], entered: set) -> list[GroupListing]:
         started = time.monotonic()
-        workers = min(32, 2 * (os.cpu_count() or 1))
-        log.info("checking %d new or changed files in %s with %d threads", len(todo), root, workers)
-        with ThreadPoolExecutor(workers) as pool:
-            for lo in range(0, len(todo), 4096):
-                chunk = todo[lo:lo + 4096]
-                for (rel, _, size, mtime), verdict in zip(chunk, pool.map(lambda t: _verdict(t[1], t[2]), chunk)):
-                    entries[rel] = [size, mtime, verdict]
-                if time.monotonic() - started > 30 and lo // 4096 % 16 == 15:
-                    log.info("checked %d/%d files", lo + len(chunk), len(todo))
-    if todo or len(entries) != len(cached):
-        _save_cache(root, entries)
-    return entries
+        journal = self.journal
+        tasks = [(self.root, g, entered, journal.path(g), journal.header(g)) for g in groups]
+        progress = Progress(len(groups), f"listing {printable(self.root)}", "folders",
+                            enabled=self.progress and len(groups) > 1)
+        found = {}
+        try:
+            for task, listing in self.run(list_group, tasks, len(groups)):
+                found[task[1]] = listing
+                progress.update(1)
+        finally:
+            progress.close()
+        listings = [found[g] for g in groups]
+        entered_twice = Counter(k for listing in listings for k in listing.folders)
+        if any(n > 1 for n in entered_twice.values()):  # two class folders reach one folder: walk in order
+            walk = Walk(entered)
+            listings = [listing_of(walk, self.root, g, journal.path(g), journal.header(g)) for g in groups]
+        self.stats["listed"] = sum(len(listing.rels) for listing in listings)
+        self.stats["cached"] = sum(listing.cached for listing in listings)
+        self.stats["list_s"] = time.monotonic() - started
+        return listings
+
+    # ---------------------------------------------------------------- checking
+    def check(self, listings: list[GroupListing]) -> None:
+        """Fills every missing verdict, appending each checked chunk to its group's journal."""
+        for listing in listings:
+            if listing.needs_rewrite:  # a torn or outdated journal: rewritten before anything is appended
+                self.journal.rewrite(listing.group, self._entries(listing))
+                listing.needs_rewrite = False
+        tasks = []
+        for index, listing in enumerate(listings):
+            todo = [i for i, v in enumerate(listing.verdicts) if v is None]
+            for lo in range(0, len(todo), CHECK_CHUNK):
+                chunk = todo[lo:lo + CHECK_CHUNK]
+                tasks.append((self.root, index, [listing.rels[i] for i in chunk], [int(listing.sizes[i]) for i in chunk],
+                              chunk))
+        total = sum(len(t[4]) for t in tasks)
+        if total:
+            self._check_chunks(listings, tasks, total)
+        for listing in listings:
+            if listing.stale:  # entries of files removed or changed since: the journal is rewritten compactly
+                self.journal.rewrite(listing.group, self._entries(listing))
+
+    def _check_chunks(self, listings: list[GroupListing], tasks: list, total: int) -> None:
+        started = time.monotonic()
+        wanted = math.ceil(total / MIN_FILES_PER_PROCESS)
+        log.info("checking %s new or changed files in %s with %d processes", f"{total:,}", printable(self.root),
+                 min(wanted, self.processes))
+        progress = Progress(total, f"scan of {printable(self.root)}", enabled=self.progress)
+        try:
+            for (_, index, rels, sizes, chunk), verdicts in self.run(_check_chunk, tasks, wanted):
+                listing = listings[index]
+                for i, verdict in zip(chunk, verdicts):
+                    listing.verdicts[i] = verdict
+                self.journal.append(listing.group, [[rel, size, int(listing.mtimes[i]), verdict]
+                                                    for rel, size, i, verdict in zip(rels, sizes, chunk, verdicts)])
+                progress.update(len(chunk))
+        finally:
+            progress.close()
+            self.stats["checked"] = progress.done
+            self.stats["check_s"] = time.monotonic() - started
+        log.info("checked %s files of %s in %s (%s files/s)", f"{progress.done:,}", printable(self.root),
+                 format_duration(self.stats["check_s"]), f"{progress.rate():,.0f}")
+
+    @staticmethod
+    def _entries(listing: GroupListing) -> list:
+        return [[rel, int(size), int(mtime), v] for rel, size, mtime, v
+                in zip(listing.rels, listing.sizes, listing.mtimes, listing.verdicts) if v is not None]
 
 
 def _report_bad(root: str, skipped: list[tuple[str, str]], bad_files: str) -> None:
@@ -259,66 +296,98 @@ def _report_bad(root: str, skipped: list[tuple[str, str]], bad_files: str) -> No
         return
     if bad_files == "error":
         path, reason = skipped[0]
-        raise ConfigError(f"bad image file {path}: {reason} ({len(skipped)} bad in {root}; "
-                          f"bad_files=skip would skip them)")
-    shown = "\n  ".join(f"{p}: {r}" for p, r in skipped[:LISTED_BAD_FILES])
+        raise ConfigError(f"bad image file {printable(path)}: {printable(reason)} ({len(skipped)} bad in "
+                          f"{printable(root)}; bad_files=skip would skip them)")
+    shown = "\n  ".join(f"{printable(p)}: {printable(r)}" for p, r in skipped[:LISTED_BAD_FILES])
     more = f"\n  ... {len(skipped) - LISTED_BAD_FILES} more" if len(skipped) > LISTED_BAD_FILES else ""
-    log.warning("skipping %d bad image files in %s:\n  %s%s", len(skipped), root, shown, more)
+    log.warning("skipping %d bad image files in %s:\n  %s%s", len(skipped), printable(root), shown, more)
 
 
 def _report_ignored(root: str, ignored: list[tuple[str, str]]) -> None:
     if not ignored:
         return
     counts = Counter(reason.split(":")[0].split(" (")[0] for _, reason in ignored)
-    shown = "\n  ".join(f"{p}: {r}" for p, r in ignored[:LISTED_BAD_FILES])
+    shown = "\n  ".join(f"{printable(p)}: {printable(r)}" for p, r in ignored[:LISTED_BAD_FILES])
     more = f"\n  ... {len(ignored) - LISTED_BAD_FILES} more" if len(ignored) > LISTED_BAD_FILES else ""
-    log.warning("not using %d entries of %s (%s):\n  %s%s", len(ignored), root,
+    log.warning("not using %d entries of %s (%s):\n  %s%s", len(ignored), printable(root),
                 ", ".join(f"{n} {reason}" for reason, n in counts.items()), shown, more)
 
 
-def scan_images(root: str | os.PathLike, bad_files: str = "skip") -> ImageList:
+def _duplicates_across_groups(listings: list[GroupListing]) -> dict[int, int]:
+    """{position: position of the first path to the same file} over the concatenated listings (each
+    group's walk already dropped its own second paths)."""
+    keys = np.concatenate([listing.keys for listing in listings]) if listings else np.zeros((0, 2), np.uint64)
+    known = np.flatnonzero(keys[:, 1] != 0)
+    if len(known) < 2:
+        return {}
+    _, first, inverse = np.unique(keys[known], axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    repeated = np.flatnonzero(known[first[inverse]] != known)
+    return {int(known[i]): int(known[first[inverse[i]]]) for i in repeated}
+
+
+def _merge(root: str, classes: list[str], listings: list[GroupListing], ignored: list, beside: list) -> ImageList:
+    rels = concat_tables([listing.rels for listing in listings])
+    codes = np.array([_code(v) for listing in listings for v in listing.verdicts], dtype=np.int8)
+    labels = np.repeat(np.arange(len(listings), dtype=np.int32), [len(listing.rels) for listing in listings])
+    reasons = [v for listing in listings for v in listing.verdicts]
+    for listing in listings:
+        ignored.extend(listing.ignored)
+    ignored.extend(beside)
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    for position, first in _duplicates_across_groups(listings).items():
+        codes[position] = _CODE_DUPLICATE
+        ignored.append((prefix + rels[position], f"duplicate: the same file as {prefix + rels[first]}"))
+    skipped = [(prefix + rels[i], reasons[i][len(_BAD):]) for i in np.flatnonzero(codes == _CODE_BAD)]
+    ignored.extend((prefix + rels[i], "not an image (neither its extension nor its first bytes)")
+                   for i in np.flatnonzero(codes == _CODE_NOT_IMAGE))
+    usable = np.flatnonzero(codes <= _CODE_PIL)
+    return ImageList(files=rels.take(usable).with_prefix(prefix), labels=labels[usable], classes=classes,
+                     skipped=skipped, ignored=ignored, root=root, pil_only=np.flatnonzero(codes[usable] == _CODE_PIL))
+
+
+def scan_images(root: str | os.PathLike, bad_files: str = "skip", processes: int | None = None,
+                progress: bool = True, stats: dict | None = None) -> ImageList:
     """Lists and checks the images of `root` (class sub-folders or flat); see the module docstring.
 
     bad_files="skip" logs and skips undecodable files; "error" raises ConfigError naming the first.
+    processes: worker processes (default: the usable cores; 1: all in this process). progress: a bar or
+    periodic log lines while files are checked. stats, when given, receives the scan's counts and times.
     """
     if bad_files not in ("skip", "error"):
         raise ConfigError(f"bad_files={bad_files!r} must be 'skip' or 'error'")
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
-        raise ConfigError(f"data folder {root} does not exist or is not a folder")
-    walk = _Walk()
+        raise ConfigError(f"data folder {printable(root)} does not exist or is not a folder")
+    walk = Walk()
     walk.enter(root)
     top = sorted(os.scandir(root), key=lambda e: e.name)
     class_dirs = [e for e in top if not e.name.startswith(".") and e.is_dir() and walk.enter(e.path)]
     if class_dirs:
-        classes = [e.name for e in class_dirs]
-        listing = [(item, label) for label, d in enumerate(class_dirs) for item in walk.list_files(d.path)]
-        walk.ignored.extend((e.path, "beside the class folders") for e in top
-                            if not e.name.startswith(".") and not e.is_dir())
-    else:
-        walk.ignored.clear()  # the links to root itself, found again below
-        classes = [os.path.basename(root)]
-        listing = [(item, 0) for item in walk.list_files(root)]
-    entries = _check_all([item for item, _ in listing], root)
-
-    files, labels, skipped, per_class = [], [], [], [0] * len(classes)
-    for (path, _, _), label in listing:
-        verdict = entries[os.path.relpath(path, root)][2]
-        if verdict == _OK:
-            files.append(path)
-            labels.append(label)
-            per_class[label] += 1
-        elif verdict.startswith(_BAD):
-            skipped.append((path, verdict[len(_BAD):]))
-        else:
-            walk.ignored.append((path, "not an image (neither its extension nor its first bytes)"))
-    _report_ignored(root, walk.ignored)
-    _report_bad(root, skipped, bad_files)
-    if not files:
-        raise ConfigError(f"data folder {root} holds no usable images (extensions: "
-                          f"{', '.join(IMAGE_EXTENSIONS)}; {len(skipped)} bad files)")
+        classes = groups = [e.name for e in class_dirs]
+        ignored = list(walk.ignored)
+        beside = [(e.path, "beside the class folders") for e in top if not e.name.startswith(".") and not e.is_dir()]
+    else:  # the links to root itself are found again by the listing of root
+        classes, groups, ignored, beside = [os.path.basename(root)], [""], [], []
+        walk = Walk()
+        walk.enter(root)
+    scan = _Scan(root, processes, progress)
+    try:
+        listings = scan.list_groups(groups, walk.folders)
+        scan.check(listings)
+    finally:
+        scan.close()
+    images = _merge(root, classes, listings, ignored, beside)
+    if stats is not None:
+        stats.update(scan.stats)
+    _report_ignored(root, images.ignored)
+    _report_bad(root, images.skipped, bad_files)
+    if not len(images):
+        raise ConfigError(f"data folder {printable(root)} holds no usable images (extensions: "
+                          f"{', '.join(IMAGE_EXTENSIONS)}; {len(images.skipped)} bad files)")
+    per_class = np.bincount(images.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, per_class) if n == 0]
     if empty:
         log.info("%d class folders of %s hold no usable image (they keep their label index): %s",
-                 len(empty), root, ", ".join(empty[:LISTED_BAD_FILES]))
-    return ImageList(files=files, labels=labels, classes=classes, skipped=skipped, ignored=walk.ignored, root=root)
+                 len(empty), printable(root), printable(", ".join(empty[:LISTED_BAD_FILES])))
+    return images

@@ -4,17 +4,30 @@ Workers decode with PIL and return uint8 views; the main process moves them to t
 normalises there (4x less inter-process and host-to-device traffic than float32). A file that
 became unreadable since the scan is replaced by the next readable file of the list (a fixed
 choice, so resumed runs see the same data); the main process logs and counts it.
+
+Memory: the workers read the paths from the ImageList's byte buffer (moca_fast.data.image_list), so
+their memory stays flat over epochs instead of copying the parent's path strings page by page.
+Lifetime: workers ignore SIGTERM / SIGINT sent to the process group (the rank saves its checkpoint
+first), die with their parent (PR_SET_PDEATHSIG), and are shut down at interpreter exit before
+multiprocessing's own exit handler, which would otherwise wait forever on workers that ignore its
+SIGTERM (a script that still holds a loader at exit).
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import math
+import os
 import signal
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from moca_fast.data.scan import ImageList, open_rgb
+from moca_fast.data.image_list import ImageList
+from moca_fast.data.scan import open_rgb, printable
+from moca_fast.data.scan_pool import die_with_parent
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
 from moca_fast.data.transforms import EvalTransform, Normalizer, TwoViewTransform
 
@@ -23,7 +36,7 @@ log = logging.getLogger("moca_fast.data")
 MAX_SUBSTITUTES = 16
 
 
-def load_or_substitute(files: list[str], index: int):
+def load_or_substitute(files, index: int):
     """(RGB PIL image, index actually loaded, [(path, reason)] of files that failed on the way)."""
     failed = []
     for k in range(min(MAX_SUBSTITUTES, len(files))):
@@ -32,14 +45,14 @@ def load_or_substitute(files: list[str], index: int):
             return open_rgb(files[candidate]), candidate, failed
         except Exception as e:  # any decode/read failure of a file that passed the scan
             failed.append((files[candidate], f"{type(e).__name__}: {' '.join(str(e).split())}"))
-    raise RuntimeError(f"{len(failed)} consecutive images failed to load, first {failed[0][0]}: "
-                       f"{failed[0][1]}; the data folder changed since it was scanned")
+    raise RuntimeError(f"{len(failed)} consecutive images failed to load, first {printable(failed[0][0])}: "
+                       f"{printable(failed[0][1])}; the data folder changed since it was scanned")
 
 
 class _TwoViewDataset(Dataset):
     """Item key (epoch, rank, position, file index) -> (view1, view2 uint8 [3, S, S], failed files)."""
 
-    def __init__(self, files: list[str], transform: TwoViewTransform, seed: int):
+    def __init__(self, files, transform: TwoViewTransform, seed: int):
         self.files, self.transform, self.seed = files, transform, seed
 
     def __len__(self) -> int:
@@ -57,7 +70,7 @@ def _collate_two_views(samples):
             [bad for s in samples for bad in s[2]])
 
 
-class _ShardBatchSampler:
+class ShardBatchSampler:
     """Batches of dataset keys for the rank's epoch `epoch`, starting at batch `start_step`."""
 
     def __init__(self, shard: EpochShard):
@@ -75,17 +88,54 @@ class _ShardBatchSampler:
             yield [(self.epoch, rank, p, int(order[p])) for p in positions]
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+class _WorkerInit:
     """A worker outlives SIGTERM / SIGINT sent to the process group: the rank saves its checkpoint first,
-    then shuts its workers down (a worker killed under it would end the rank with an error instead)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    then shuts its workers down (a worker killed under it would end the rank with an error instead).
+    It dies with the rank (SIGKILL when the parent dies, however that happens)."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        gc.freeze()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent(self.parent)
 
 
-def _data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+_worker_pids: set[int] = set()
+
+
+@atexit.register  # registered after torch's own exit hooks, so it runs before them
+def _shut_down_workers_at_exit() -> None:
+    """Shuts down the workers of live iterators, then kills any worker of ours still alive (an iterator
+    collected without its workers exiting), before multiprocessing's exit handler waits on them."""
+    for iterator in list(_live_iterators):
+        try:
+            iterator._shutdown_workers()  # also removes them from torch's SIGCHLD watch
+        except Exception:  # noqa: BLE001 - the kill below still ends them
+            pass
+    import multiprocessing
+
+    for process in multiprocessing.active_children():
+        if process.pid in _worker_pids:
+            process.kill()
+            process.join()
+
+
+def iterate(loader: DataLoader):
+    """iter(loader), remembered (and its workers) so that they are ended at interpreter exit."""
+    iterator = iter(loader)
+    if loader.num_workers > 0:
+        _live_iterators.add(iterator)
+        _worker_pids.update(w.pid for w in getattr(iterator, "_workers", []))
+    return iterator
+
+
+def data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and num_workers > 0, worker_init_fn=_ignore_stop_signals,
-                      **kwargs)
+                      persistent_workers=persistent and num_workers > 0, worker_init_fn=_WorkerInit(), **kwargs)
 
 
 class TorchTwoViewLoader(LoaderPosition):
@@ -100,9 +150,9 @@ class TorchTwoViewLoader(LoaderPosition):
         self.substituted = 0
         self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
                                 source=f"data folder {images.root}")
-        self._sampler = _ShardBatchSampler(self.shard)
+        self._sampler = ShardBatchSampler(self.shard)
         dataset = _TwoViewDataset(images.files, TwoViewTransform(cfg.img_size, cfg.crop_min), cfg.seed)
-        self._loader = _data_loader(dataset, self.device, cfg.num_workers, persistent=True,
+        self._loader = data_loader(dataset, self.device, cfg.num_workers, persistent=True,
                                     batch_sampler=self._sampler, collate_fn=_collate_two_views)
         self._normalize = Normalizer(self.device)
 
@@ -113,7 +163,7 @@ class TorchTwoViewLoader(LoaderPosition):
         self._sampler.epoch, self._sampler.start_step = self.epoch, self.step
         if self.step >= len(self):
             return
-        for view1, view2, failed in self._loader:
+        for view1, view2, failed in iterate(self._loader):
             note_failed(self, failed)
             self.step += 1
             yield self._normalize(view1), self._normalize(view2)
@@ -121,7 +171,8 @@ class TorchTwoViewLoader(LoaderPosition):
 
 def note_failed(loader, failed: list[tuple[str, str]]) -> None:
     for path, reason in failed:
-        log.warning("image unreadable since the scan, substituted by the next one: %s: %s", path, reason)
+        log.warning("image unreadable since the scan, substituted by the next one: %s: %s", printable(path),
+                    printable(reason))
     loader.skipped.extend(failed)
     loader.substituted += len(failed)
 
@@ -157,8 +208,8 @@ class TorchEvalLoader:
         self.skipped = list(images.skipped)
         self.substituted = 0
         self.batch_size = batch_size or cfg.batch_size
-        self.indices = list(range(rank, self.num_images, world_size))
-        self._loader = _data_loader(_EvalDataset(images, EvalTransform(cfg.img_size)), self.device,
+        self.indices = range(rank, self.num_images, world_size)
+        self._loader = data_loader(_EvalDataset(images, EvalTransform(cfg.img_size)), self.device,
                                     cfg.num_workers, persistent=False, sampler=self.indices,
                                     batch_size=self.batch_size, collate_fn=_collate_eval)
         self._normalize = Normalizer(self.device)
@@ -167,7 +218,7 @@ class TorchEvalLoader:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self):
-        for images, labels, indices, failed in self._loader:
+        for images, labels, indices, failed in iterate(self._loader):
             note_failed(self, failed)
             yield (self._normalize(images), labels.to(self.device, non_blocking=True),
                    indices.to(self.device, non_blocking=True))

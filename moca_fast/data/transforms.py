@@ -47,10 +47,13 @@ EVAL_RESIZE_RATIO = 256 / 224
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """What differs between the two views: the blur and solarize probabilities."""
+    """The probabilities of one view's random operations; the paper's views differ in blur and solarize."""
 
     blur_p: float
     solarize_p: float
+    jitter_p: float = JITTER_P
+    grayscale_p: float = GRAYSCALE_P
+    flip_p: float = FLIP_P
 
 
 VIEW1 = ViewRecipe(blur_p=1.0, solarize_p=0.0)
@@ -100,9 +103,9 @@ def sample_crop(rng: random.Random, width: int, height: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_jitter(rng: random.Random) -> tuple[tuple[str, float], ...]:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with p JITTER_P: the ops in a random order."""
-    if rng.random() >= JITTER_P:
+def sample_jitter(rng: random.Random, p: float = JITTER_P) -> tuple[tuple[str, float], ...]:
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p: the ops in a random order."""
+    if rng.random() >= p:
         return ()
     factors = {
         "brightness": rng.uniform(1 - JITTER_BRIGHTNESS, 1 + JITTER_BRIGHTNESS),
@@ -117,12 +120,18 @@ def sample_jitter(rng: random.Random) -> tuple[tuple[str, float], ...]:
 def sample_view_params(rng: random.Random, width: int, height: int, recipe: ViewRecipe,
                        crop_min: float) -> ViewParams:
     crop = sample_crop(rng, width, height, (crop_min, CROP_SCALE_MAX))
-    jitter = sample_jitter(rng)
-    grayscale = rng.random() < GRAYSCALE_P
+    jitter = sample_jitter(rng, recipe.jitter_p)
+    grayscale = rng.random() < recipe.grayscale_p
     blur_radius = rng.uniform(*BLUR_RADIUS) if rng.random() < recipe.blur_p else None
     solarize = rng.random() < recipe.solarize_p
-    flip = rng.random() < FLIP_P
+    flip = rng.random() < recipe.flip_p
     return ViewParams(crop, jitter, grayscale, blur_radius, solarize, flip)
+
+
+def sample_views(rng: random.Random, width: int, height: int, crop_min: float,
+                 recipes: tuple[ViewRecipe, ...] = VIEWS) -> list[ViewParams]:
+    """The random choices of every view of one image, in order: what both backends apply."""
+    return [sample_view_params(rng, width, height, recipe, crop_min) for recipe in recipes]
 
 
 def apply_view(img: Image.Image, params: ViewParams, size: int) -> Image.Image:
@@ -150,15 +159,14 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 class TwoViewTransform:
     """RGB PIL image + per-sample generator -> (view 1, view 2), each uint8 [3, size, size]."""
 
-    def __init__(self, img_size: int, crop_min: float):
+    def __init__(self, img_size: int, crop_min: float, recipes: tuple[ViewRecipe, ViewRecipe] = VIEWS):
         self.img_size = img_size
         self.crop_min = crop_min
+        self.recipes = recipes
 
     def __call__(self, img: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        views = []
-        for recipe in VIEWS:
-            params = sample_view_params(rng, img.width, img.height, recipe, self.crop_min)
-            views.append(to_uint8_tensor(apply_view(img, params, self.img_size)))
+        views = [to_uint8_tensor(apply_view(img, params, self.img_size))
+                 for params in sample_views(rng, img.width, img.height, self.crop_min, self.recipes)]
         return views[0], views[1]
 
 

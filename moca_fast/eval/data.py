@@ -76,7 +76,7 @@ def load_splits(train_root: str, val_root: str, cfg: Config) -> Splits:
 
 
 def subset(images: ImageList, keep: list[int]) -> ImageList:
-    return replace(images, files=[images.files[i] for i in keep], labels=[images.labels[i] for i in keep])
+    return images.subset(keep)
 
 
 # ---------------------------------------------------------------------- features

@@ -127,6 +127,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.schedules = Schedules.from_config(cfg, self.dist.world_size)
         self.knn = _knn_data(cfg)
+        self.knn_loaders = None  # built (the folders scanned) once per run, at the first k-NN evaluation
         self.step = 0
         self.last_saved = -1
         self.skipped_reported = 0
@@ -169,10 +170,11 @@ class Trainer:
         from moca_fast.eval.knn import build_knn_loaders, knn_accuracy
 
         with torch.random.fork_rng(devices=[]):
-            loaders = build_knn_loaders(self.cfg, self.knn.train, self.knn.val, self.dist.rank,
-                                        self.dist.world_size, self.dist.device)
-            return knn_accuracy(self.model, *loaders, k=self.cfg.knn_k, temperature=self.cfg.knn_temperature,
-                                dtype=self.dtype)
+            if self.knn_loaders is None:
+                self.knn_loaders = build_knn_loaders(self.cfg, self.knn.train, self.knn.val, self.dist.rank,
+                                                     self.dist.world_size, self.dist.device)
+            return knn_accuracy(self.model, *self.knn_loaders, k=self.cfg.knn_k,
+                                temperature=self.cfg.knn_temperature, dtype=self.dtype)
 
     def save(self, run_log: RunLog, totals: LossTotals, interval: dict) -> None:
         """A checkpoint of the current step; the losses are drained and the weights and gradient norm
