@@ -14,10 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from moca_fast.config import PRESETS, parse_kv
+from moca_fast.config import PRESETS, check_preset_agrees, parse_kv
 from moca_fast.io.native import is_native, load_model, save_model
 from moca_fast.io.official import load_official, read_checkpoint
 from moca_fast.io.timm_export import export_teacher_timm
+from moca_fast.output_files import check_output_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,12 +45,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str, preset: str | None, overrides: dict):
-    if Path(path).is_dir():
-        from moca_fast.train.checkpoint import load_trained_model
+    """The model of an official checkpoint (with preset and overrides), a model file or a run / checkpoint
+    folder (which record their own config: a preset must agree with it, overrides are refused)."""
+    if Path(path).is_dir() or is_native(read_checkpoint(path)):
+        if overrides:
+            raise ValueError(f"--set {' '.join(overrides)}: {path} records its own config; --set applies only to "
+                             f"an official checkpoint")
+        if Path(path).is_dir():
+            from moca_fast.train.checkpoint import load_trained_model
 
-        return load_trained_model(path)[0]
-    if is_native(read_checkpoint(path)):
-        return load_model(path)
+            model = load_trained_model(path)[0]
+        else:
+            model = load_model(path)
+        check_preset_agrees(preset, model.config, path)
+        return model
     if preset is None:
         raise ValueError(f"{path}: an official checkpoint needs --preset (one of {', '.join(sorted(PRESETS))})")
     return load_official(path, preset, **overrides)
@@ -58,6 +67,8 @@ def _load(path: str, preset: str | None, overrides: dict):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.out:
+            check_output_file(args.out, "--out")
         overrides = parse_kv(args.set)
         if args.command == "import":
             model = load_official(args.checkpoint, args.preset, **overrides)
