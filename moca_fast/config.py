@@ -337,9 +337,8 @@ def _check_typed(value: Any, base: str) -> Any:
 def _coerce(name: str, value: Any, annotation: str) -> Any:
     """The value of field `name` (annotated `annotation`, e.g. "float | None") in its type: text is parsed, a
     typed value must already have the type; one-line ConfigError naming the field otherwise."""
-    text = annotation
-    optional = "None" in text
-    base = "tuple" if text.startswith("tuple") else text.replace(" | None", "").strip()
+    optional = "None" in annotation
+    base = "tuple" if annotation.startswith("tuple") else annotation.replace(" | None", "").strip()
     try:
         if value is None:
             if optional:

@@ -64,6 +64,16 @@ def _load(path: str, preset: str | None, overrides: dict):
     return load_official(path, preset, **overrides)
 
 
+def _written(out: str, write):
+    """write(), whose failure (OSError, or torch.save's RuntimeError on a full disk) becomes one line naming
+    --out; the file is written atomically, so nothing is left behind."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OSError(f"--out {out} could not be written ({reason})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -77,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
                   f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
             if args.out:
-                save_model(model, args.out)
+                _written(args.out, lambda: save_model(model, args.out))
                 print(f"wrote {args.out}")
         else:
             model = _load(args.source, args.preset, overrides)
-            name, kwargs = export_teacher_timm(model, args.out)
+            name, kwargs = _written(args.out, lambda: export_teacher_timm(model, args.out))
             call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
             print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
     except (ValueError, OSError) as e:
