@@ -36,3 +36,15 @@ def test_setup_logging_replaces_only_its_own_root_handler(capfd):
         assert capfd.readouterr().err.count("moca_fast.train: one line") == 1
     finally:
         root.removeHandler(foreign)
+
+
+def test_the_run_log_follows_stderr_when_it_is_replaced(monkeypatch):
+    """A handler keeping the stderr of its creation writes to a closed stream once that stderr is replaced (as
+    after a test's capture: every later log line was a 'Logging error' traceback)."""
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging(True)
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("moca_fast.train").warning("after the swap")
+    assert "moca_fast.train: after the swap" in second.getvalue() and "Logging error" not in second.getvalue()

@@ -138,8 +138,21 @@ class RunLog:
 LOG_HANDLER = "moca_fast"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when a record comes, not as it was when the handler was
+    made (a stream kept from then may be closed since: a redirected or captured stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the current sys.stderr is always used
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
-    """INFO on rank 0, warnings only elsewhere, on the current sys.stderr in one format; DeepSpeed's chatter at
+    """INFO on rank 0, warnings only elsewhere, to the current sys.stderr in one format; DeepSpeed's chatter at
     warning level. Touches only the handlers it made and DeepSpeed's own (any other handler stays).
 
     DeepSpeed's logger comes with its own handler, bound to the sys.stdout of the moment deepspeed was
@@ -148,7 +161,7 @@ def setup_logging(is_main: bool) -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == LOG_HANDLER]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.set_name(LOG_HANDLER)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
