@@ -3,7 +3,9 @@
 Common flags: --checkpoint / --preset (the source, see moca_fast.eval.source), --data / --train / --val,
 --output FILE.json, --batch-size, --num-workers, --seed. Started by torchrun / deepspeed (WORLD_SIZE > 1)
 each rank takes its share of the images (NCCL on GPUs, gloo on CPUs). A bad setting or input prints one
-line `error: ...` naming it and exits with status 2.
+line `error: ...` naming it and exits with status 2; the outputs are checked (a probe write) before any work.
+The result file is written atomically; one that cannot be written at the end after all is kept in the
+temporary folder (or printed), named by the error line, with exit status 1.
 """
 from __future__ import annotations
 
