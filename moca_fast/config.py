@@ -301,8 +301,15 @@ def _parse_text(value: str, base: str, optional: bool) -> Any:
             return False
         raise ValueError(f"{value!r} is not a boolean")
     if base == "int":
-        number = float(value) if "e" in value.lower() else int(value)
-        if isinstance(number, float) and not number.is_integer():
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)  # 1e3
+        except ValueError:
+            raise ValueError(f"{value!r} is not an integer") from None
+        if not number.is_integer():
             raise ValueError(f"{value} is not an integer")
         return int(number)
     if base == "float":

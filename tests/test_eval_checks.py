@@ -25,10 +25,12 @@ def setup(tmp_path_factory):
 
 
 def _one_line_error(capsys, main, argv) -> str:
+    """main(argv) exits 2 with one `error:` line, the last on stderr (log lines may precede it), and no
+    traceback; returns the line."""
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
+    assert "Traceback" not in "\n".join(err) and [line for line in err if line.startswith("error: ")] == err[-1:], err
+    return err[-1]
 
 
 @pytest.fixture
