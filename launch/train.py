@@ -6,7 +6,7 @@
   deepspeed --hostfile hosts launch/train.py ...   multi-node (checkpoints need a shared filesystem)
   python launch/train.py ...                       one process, no launcher
 
-Settings, later wins: preset (--preset, or the `preset:` key of --config; default vit_base_dec2, or
+Settings, later wins: preset (--preset, else the `preset:` key of --config; default vit_base_dec2, or
 demo when neither --data nor a preset/config is given) < --config YAML < the flags below < key=value
 overrides of any moca_fast.config.Config field (e.g. blr=1e-4 zero_stage=1 precision=fp32).
 --deepspeed_config JSON: merged over the generated DeepSpeed config (precedence in moca_fast/train/engine.py).

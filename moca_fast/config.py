@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,15 +262,11 @@ def check_ranges(cfg: Config, names=FIELD_RANGES) -> None:
 
 
 def check_output_folder(output: str) -> None:
-    """ConfigError unless `output` is a writable folder or can be created as one."""
-    path = Path(output).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output={output} is an existing file, not a folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"output={output} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output={output} cannot be written: no write permission on {existing}")
+    """ConfigError unless `output` is a folder files can be written in, or can be created as one (a real probe
+    write: a read-only filesystem is found here, not at the first checkpoint)."""
+    from moca_fast.output_files import check_output_folder as check_folder
+
+    check_folder(output, f"output={output}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -293,85 +288,162 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Parses a YAML/CLI value into the field's type; one-line error naming the field."""
-    text = annotation if isinstance(annotation, str) else str(annotation)
+def _parse_text(value: str, base: str, optional: bool) -> Any:
+    """A value written as text (key=value on the command line, or a quoted YAML string) in the field's type."""
+    if value.lower() in ("none", "null"):
+        if optional:
+            return None
+        raise ValueError("None is not allowed")
+    if base == "tuple":
+        return tuple(float(v) for v in value.strip("[]() ").replace(",", " ").split())
+    if base == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if base == "int":
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)  # 1e3
+        except ValueError:
+            raise ValueError(f"{value!r} is not an integer") from None
+        if not number.is_integer():
+            raise ValueError(f"{value} is not an integer")
+        return int(number)
+    if base == "float":
+        return float(value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_typed(value: Any, base: str) -> Any:
+    """A value that already has a type (YAML, JSON, Python) must be of the field's type: refused, never coerced
+    (`epochs: yes` is a boolean, not 1; `output: [a, b]` is a list, not a folder name)."""
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "tuple": "a list of numbers"}[base]
+    shown = type(value).__name__
+    if base == "tuple" and isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
+        return tuple(float(v) for v in value)
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "float" and _is_number(value):
+        return float(value)
+    if base == "int" and _is_number(value) and float(value).is_integer():
+        return int(value)
+    if base == "int" and isinstance(value, float):
+        raise ValueError(f"{value} is not an integer")
+    article = "an" if shown[0] in "aeiou" else "a"
+    raise ValueError(f"must be {expected}, not {article} {shown}" + (" (quote it to give text)" if base == "str" else ""))
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """The value of field `name` (annotated `annotation`, e.g. "float | None") in its type: text is parsed, a
+    typed value must already have the type; one-line ConfigError naming the field otherwise."""
+    optional = "None" in annotation
+    base = "tuple" if annotation.startswith("tuple") else annotation.replace(" | None", "").strip()
     try:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if "None" in text:
+        if value is None:
+            if optional:
                 return None
             raise ValueError("None is not allowed")
-        if text.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.strip("[]() ").replace(",", " ").split()]
-            return tuple(float(v) for v in value)
-        base = text.replace(" | None", "").strip()
-        if base == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(f"{value!r} is not a boolean")
-            return bool(value)
-        if base == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not an integer")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as e:
+        if isinstance(value, str):
+            return _parse_text(value, base, optional)
+        return _check_typed(value, base)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"setting {name}={value!r}: {e}") from None
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    hints = typing.get_type_hints(Config)
     values = {}
     for key, value in overrides.items():
-        key = key.replace("-", "_")
-        if key not in fields:
+        if not isinstance(key, str):
+            raise ConfigError(f"setting name {key!r} is not a string")
+        name = key.replace("-", "_")
+        if name not in fields:
             raise ConfigError(f"unknown setting {key!r} (see moca_fast/config.py for the fields)")
-        values[key] = _coerce(key, value, fields[key].type if isinstance(fields[key].type, str) else hints[key])
+        if name in values:
+            raise ConfigError(f"setting {name} is given twice")
+        values[name] = _coerce(name, value, fields[name].type)
     return dataclasses.replace(cfg, **values)
 
 
 def parse_kv(items: list[str]) -> dict[str, str]:
-    out = {}
+    """`key=value` strings -> {key: value text}; a key given twice (also as a-b and a_b) is refused."""
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in out:
+            raise ConfigError(f"setting {key} is given twice ({key}={out[key]} and {item.strip()})")
+        out[key] = value.strip()
     return out
 
 
-def load_config(preset: str | None = "vit_base_dec2", yaml_path: str | Path | None = None,
+DEFAULT_PRESET = "vit_base_dec2"
+
+
+def check_preset(preset: Any) -> str:
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset={preset!r} must be a preset name, not a {type(preset).__name__}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return preset
+
+
+#: the fields that make the encoder's architecture (what an evaluation or an export takes from a checkpoint)
+ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
+
+
+def check_preset_agrees(preset: str | None, cfg: Config, source: str) -> None:
+    """A --preset given beside a checkpoint that records its own architecture must describe that architecture
+    (it is not used, so a different one would be silently ignored)."""
+    if preset is None:
+        return
+    expected = load_config(check_preset(preset))
+    differing = [f"{name} {getattr(expected, name)} vs {getattr(cfg, name)}" for name in ENCODER_FIELDS
+                 if getattr(expected, name) != getattr(cfg, name)]
+    if differing:
+        raise ConfigError(f"--preset {preset} disagrees with {source} ({', '.join(differing)}); the checkpoint "
+                          f"records its architecture: leave out --preset")
+
+
+def load_config(preset: str | None = None, yaml_path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
     """Preset -> YAML file -> overrides, in that order of precedence (later wins).
 
-    A YAML file may name its own base with a top-level `preset:` key.
+    `preset` None: the YAML file's top-level `preset:` key if it has one, else vit_base_dec2; a preset given
+    here wins over the file's (as a command-line flag wins over the file). Every problem of the file is one
+    ConfigError line naming the file and the line (moca_fast.config_file).
     """
-    file_values: dict[str, Any] = {}
+    entries = []
     if yaml_path is not None:
-        import yaml
+        from moca_fast.config_file import read_config_file
 
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            file_values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of setting: value")
-        preset = file_values.pop("preset", preset)
-    preset = preset or "vit_base_dec2"
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = apply_overrides(Config(), PRESETS[preset])
-    cfg = apply_overrides(cfg, file_values)
+        entries = read_config_file(yaml_path)
+    for entry in entries:
+        if entry.key == "preset":
+            try:
+                file_preset = check_preset(entry.value)
+            except ConfigError as e:
+                raise ConfigError(f"config file {yaml_path}, line {entry.line}: {e}") from None
+            preset = preset if preset is not None else file_preset
+    cfg = apply_overrides(Config(), PRESETS[check_preset(preset if preset is not None else DEFAULT_PRESET)])
+    for entry in entries:
+        if entry.key != "preset":
+            try:
+                cfg = apply_overrides(cfg, {entry.key: entry.value})
+            except ConfigError as e:
+                raise ConfigError(f"config file {yaml_path}, line {entry.line}: {e}") from None
     return apply_overrides(cfg, overrides or {})
 
 

@@ -1,4 +1,6 @@
-"""Test helpers of the evaluation protocols: a tiny trained-looking run folder and real JPEG class folders."""
+"""Test helpers of the evaluation protocols: a tiny trained-looking run folder, real JPEG class folders, and a
+plain-Python k-NN oracle."""
+import math
 from pathlib import Path
 
 import torch
@@ -34,3 +36,17 @@ def make_eval_data(root: Path, per_class_train: int = 6, per_class_val: int = 3)
 
 def make_run(root: Path, model=None) -> Path:
     return write_run_folder(root, model or tiny_model(), tiny_cfg())
+
+
+def knn_oracle(bank, labels, queries, query_labels, k, T, num_classes):
+    """Per query: the k most similar bank rows, votes sum exp(sim / T) per class (plain Python)."""
+    c1 = c5 = 0
+    for q, y in zip(queries, query_labels):
+        sims = [(float(q @ b), int(l)) for b, l in zip(bank, labels)]
+        votes = [0.0] * num_classes
+        for sim, label in sorted(sims, reverse=True)[:k]:
+            votes[label] += math.exp(sim / T)
+        ranked = sorted(range(num_classes), key=lambda c: -votes[c])
+        c1 += ranked[0] == int(y)
+        c5 += int(y) in ranked[:5]
+    return c1, c5

@@ -249,11 +249,14 @@ def decode_colour(view: torch.Tensor) -> int:
 def distributed_worker(data: str, out: str) -> None:
     """Per rank: the images of each step of two epochs (identified by colour, without augmentation),
     then one epoch of the paper's views through build_train_loader."""
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    from moca_fast.train.engine import init_distributed
+
+    # the trainer's start-up (not deepspeed.init_distributed alone, which JIT-builds DeepSpeed's shared-memory
+    # C++ op on a CPU: minutes on 2 cores, and again in every new virtual environment)
+    started = init_distributed()
+    rank, world = started.rank, started.world_size
     cfg = config(data)
     loader = D.DaliTwoViewLoader(scan_on_rank0(data, "skip"), cfg, rank, world, "cpu", views=(NO_AUGMENT,) * 2)
     epochs = []

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from eval_data import knn_oracle
 from jpeg_folder import write_class_folders, write_run_folder
 from moca_fast import build_model
 from moca_fast.config import load_config
@@ -42,18 +43,24 @@ def test_top5_counts_a_hit_among_the_five_best_classes():
     assert knn_correct(bank, labels, query, torch.tensor([0]), 6, 0.07, 6) == (1, 1)
 
 
-def _oracle(bank, labels, queries, query_labels, k, T, num_classes):
-    """Per query: the k most similar bank rows, votes sum exp(sim / T) per class (plain Python)."""
-    c1 = c5 = 0
-    for q, y in zip(queries, query_labels):
-        sims = [(float(q @ b), int(l)) for b, l in zip(bank, labels)]
-        votes = [0.0] * num_classes
-        for sim, label in sorted(sims, reverse=True)[:k]:
-            votes[label] += math.exp(sim / T)
-        ranked = sorted(range(num_classes), key=lambda c: -votes[c])
-        c1 += ranked[0] == int(y)
-        c5 += int(y) in ranked[:5]
-    return c1, c5
+def test_votes_stay_finite_and_exact_at_a_tiny_temperature():
+    """At T = 0.001, exp(sim / T) overflows fp32 for any sim > 0.09 (every vote inf: chance accuracy). Each query
+    here has one neighbour of its class at similarity 0.95 and three of another class at 0.94: its own class
+    wins for T < 0.01 / ln 3 = 0.0091, the other for larger T."""
+    queries, bank, labels, query_labels = [], [], [], []
+    for i in range(12):
+        axis = F.one_hot(torch.tensor(2 * i), 24).float()
+        side = F.one_hot(torch.tensor(2 * i + 1), 24).float()
+        queries.append(axis)
+        query_labels.append(i % 4 + 1)
+        for sim, label in ((0.95, i % 4 + 1), (0.94, 0), (0.94, 0), (0.94, 0)):
+            bank.append(sim * axis + math.sqrt(1 - sim**2) * side)
+            labels.append(label)
+    bank, queries = torch.stack(bank), torch.stack(queries)
+    labels, query_labels = torch.tensor(labels), torch.tensor(query_labels)
+    assert knn_correct(bank, labels, queries, query_labels, k=4, temperature=0.001, num_classes=5) == (12, 12)
+    assert knn_correct(bank, labels, queries, query_labels, k=4, temperature=0.02, num_classes=5) == (0, 12)
+    assert knn_correct(bank, labels, queries, query_labels, k=4, temperature=1e-30, num_classes=5) == (12, 12)
 
 
 def test_matches_a_brute_force_oracle_on_random_features():
@@ -63,7 +70,7 @@ def test_matches_a_brute_force_oracle_on_random_features():
     queries = F.normalize(torch.randn(50, 16, generator=g, dtype=torch.float64), dim=1)
     query_labels = torch.randint(0, 10, (50,), generator=g)
     got = knn_correct(bank, labels, queries, query_labels, k=20, temperature=0.07, num_classes=10, chunk=7)
-    assert got == _oracle(bank, labels, queries, query_labels, 20, 0.07, 10)
+    assert got == knn_oracle(bank, labels, queries, query_labels, 20, 0.07, 10)
 
 
 @pytest.fixture(scope="module")

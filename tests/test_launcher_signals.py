@@ -25,8 +25,11 @@ FOREVER = ["--max-steps", "100000", "epochs=1000"]
 
 
 def _launch(launcher_args: list[str], args: list[str], log: Path) -> subprocess.Popen:
-    """The deepspeed launcher in a process group (session) of its own, as a scheduler starts it."""
-    cmd = _deepspeed_cli() + launcher_args + [LAUNCH] + TINY_RUN + args
+    """The deepspeed launcher in a process group (session) of its own, as a scheduler starts it; a key=value of
+    `args` replaces TINY_RUN's (a setting given twice is refused)."""
+    given = {arg.split("=", 1)[0] for arg in args if "=" in arg and not arg.startswith("-")}
+    tiny = [arg for arg in TINY_RUN if arg.split("=", 1)[0] not in given]
+    cmd = _deepspeed_cli() + launcher_args + [LAUNCH] + tiny + args
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

@@ -105,9 +105,10 @@ def test_a_payload_is_refused_by_knn_and_export(run, tmp_path, capsys):
         ckpt.load_trained_model(str(out))
     assert knn.main(["--checkpoint", str(out)]) == 2
     assert io_main(["export", str(out), "--out", str(tmp_path / "t.pth")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith(f"error: {planted}: refused to load io.open")
-                                   for line in lines), lines
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # log lines may come before
+    assert "Traceback" not in err and len(lines) == 2 and all(
+        line.startswith(f"error: {planted}: refused to load io.open") for line in lines), lines
     assert not marker.exists() and not (tmp_path / "t.pth").exists()
 
 
@@ -162,10 +163,6 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(one_proces
 def _launch(argv) -> int:
     """launch/train.py's main in this process (its exit status)."""
     import importlib.util
-    import logging
-
-    for handler in logging.getLogger("DeepSpeed").handlers:  # bound to an earlier test's captured stdout
-        handler.stream = sys.stdout
 
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)

@@ -3,7 +3,9 @@
 Common flags: --checkpoint / --preset (the source, see moca_fast.eval.source), --data / --train / --val,
 --output FILE.json, --batch-size, --num-workers, --seed. Started by torchrun / deepspeed (WORLD_SIZE > 1)
 each rank takes its share of the images (NCCL on GPUs, gloo on CPUs). A bad setting or input prints one
-line `error: ...` naming it and exits with status 2.
+line `error: ...` naming it and exits with status 2; the outputs are checked (a probe write) before any work.
+The result file is written atomically; one that cannot be written at the end after all is kept in the
+temporary folder (or printed), named by the error line, with exit status 1.
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from moca_fast.config import ConfigError
-from moca_fast.distributed import rank_and_world
+from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.eval.data import Splits, load_splits, split_roots
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
+from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
 
-EXIT_BAD_INPUT = 2
+EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,7 +47,7 @@ def parser(protocol: str, doc: str, prog: str | None = None) -> OneLineParser:
     p.add_argument("--data", help="folder with train/ and val/ class sub-folders, or 'demo'")
     p.add_argument("--train", help="training folder (class sub-folders); overrides --data")
     p.add_argument("--val", help="validation folder (class sub-folders); overrides --data")
-    p.add_argument("--output", help=f"result JSON (default eval_{protocol}.json)")
+    p.add_argument("--output", default=f"eval_{protocol}.json", help="result JSON (checked for writability first)")
     p.add_argument("--batch-size", type=int, help="images per rank and batch")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=0)
@@ -56,10 +60,17 @@ def positive(name: str, value, minimum=1):
     return value
 
 
+def _check_outputs(output: str, folders: dict[str, str]) -> None:
+    check_output_file(output, "--output")
+    for flag, folder in folders.items():
+        check_output_folder(folder, f"{flag} {folder}")
+
+
 class Session:
     """Process group, device, the teacher and the data of one evaluation command."""
 
-    def __init__(self, args: argparse.Namespace, default_batch: int):
+    def __init__(self, args: argparse.Namespace, default_batch: int, output_folders: dict[str, str] | None = None):
+        """output_folders: {flag: folder} the command will write in, checked with --output before any work."""
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -67,6 +78,7 @@ class Session:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = rank_and_world()
+        on_rank0(lambda: _check_outputs(args.output, output_folders or {}))
         self.batch_size = positive("--batch-size", args.batch_size) or default_batch
         self.teacher: Teacher = load_teacher(args.checkpoint, args.preset, self.device)
         cfg = self.teacher.cfg.replace(batch_size=self.batch_size)
@@ -93,15 +105,31 @@ def run(protocol: str, main, argv: list[str] | None) -> int:
         if dist.is_initialized() and not had_group:  # only the group this command started (Session)
             dist.destroy_process_group()
     if output is not None:
-        path = Path(output or f"eval_{protocol}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"protocol": protocol, **result}, indent=1))
-        os.replace(tmp, path)
-        print(f"{summary}  ->  {path}")
+        return _write_result(Path(output), json.dumps({"protocol": protocol, **result}, indent=1), summary)
+    return 0
+
+
+def _write_result(path: Path, text: str, summary: str) -> int:
+    """The result file, atomically; if it cannot be written after all (the disk filled up meanwhile), the
+    result goes to a file in the temporary folder, or to stdout, and the error line says where."""
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        print(summary)
+        try:
+            handle, kept = tempfile.mkstemp(prefix=f"{path.stem}_", suffix=".json")
+            with os.fdopen(handle, "w") as f:
+                f.write(text)
+        except OSError:
+            print(text)
+            kept = "printed above"
+        print(f"error: {path} could not be written ({e.strerror or e}); the result is in {kept}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{summary}  ->  {path}")
     return 0
 
 
 def output_of(args: argparse.Namespace, session: Session) -> str | None:
-    """The result file path on rank 0 ("" = the default name), None on the other ranks."""
-    return (args.output or "") if session.is_main else None
+    """The result file path on rank 0, None on the other ranks."""
+    return args.output if session.is_main else None

@@ -66,6 +66,9 @@ def _scan_classes(root: str, cfg: Config) -> ImageList:
 def load_splits(train_root: str, val_root: str, cfg: Config) -> Splits:
     """Scans both folders; val labels re-indexed to train/'s classes."""
     train, val = _scan_classes(train_root, cfg), _scan_classes(val_root, cfg)
+    if len(train.classes) < 2:  # every classifier would be right on every image
+        raise ConfigError(f"{train.root} has a single class folder ({train.classes[0]}); an evaluation needs at "
+                          f"least 2 classes")
     index = {c: i for i, c in enumerate(train.classes)}
     missing = [c for c in val.classes if c not in index]
     if missing:

@@ -253,7 +253,8 @@ def _evaluate(argv):
     if not 0 <= args.warmup_epochs < args.epochs:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs})")
     timm = _timm()
-    s = cli.Session(args, default_batch=128)
+    save_dir = Path(args.save_dir or f"{os.path.splitext(args.output)[0]}_checkpoints")
+    s = cli.Session(args, default_batch=128, output_folders={"--save-dir": str(save_dir)})
     mixup_on = args.mixup > 0 or args.cutmix > 0
     if mixup_on and s.batch_size % 2:
         raise ConfigError(f"--batch-size {s.batch_size} must be even for mixup / cutmix (timm's Mixup)")
@@ -277,8 +278,6 @@ def _evaluate(argv):
                                            re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     loader = train_loader(s.splits.train, transform, s.batch_size, s.cfg.num_workers, args.seed, s.device)
     val_loader = build_eval_loader(s.splits.val, s.cfg, s.rank, s.world_size, s.device, s.batch_size)
-    output = args.output or "eval_finetune.json"
-    save_dir = Path(args.save_dir or f"{os.path.splitext(output)[0]}_checkpoints")
     recipe = {k: getattr(args, k) for k in RECIPE} | {"batch_size": s.batch_size, "world_size": s.world_size,
                                                       "classes": num_classes}
     start, history = 0, []

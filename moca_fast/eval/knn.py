@@ -86,26 +86,14 @@ def gather_bank(feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     return bank, bank_labels
 
 
-@torch.no_grad()
 def knn_correct(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
                 k: int, temperature: float, num_classes: int, chunk: int = 1024) -> tuple[int, int]:
-    """Correct top-1 and top-5 counts of weighted k-NN voting.
+    """Correct top-1 and top-5 counts of weighted k-NN voting (one cell of knn_sweep_correct).
 
     bank [N, C] and queries [M, C] L2-normalised; labels long [N], [M] in [0, num_classes).
     """
-    k = min(k, bank.shape[0])
-    top5 = min(TOP5, k, num_classes)
-    correct1 = correct5 = 0
-    for start in range(0, queries.shape[0], chunk):
-        q, q_labels = queries[start:start + chunk], query_labels[start:start + chunk]
-        sims, nearest = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=sims.dtype)
-        votes.scatter_add_(1, bank_labels[nearest], (sims / temperature).exp())
-        predictions = votes.topk(top5, dim=1).indices
-        hits = predictions == q_labels[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-    return correct1, correct5
+    counts = knn_sweep_correct(bank, bank_labels, queries, query_labels, (k,), (temperature,), num_classes, chunk)
+    return int(counts[0, 0, 0]), int(counts[0, 0, 1])
 
 
 def knn_accuracy(model, train_loader, val_loader, k: int = 20, temperature: float = 0.07,
@@ -142,13 +130,19 @@ SWEEP_TEMPERATURES = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.10, 0.12, 0.15, 0.20
 @torch.no_grad()
 def knn_sweep_correct(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
                       query_labels: torch.Tensor, ks, temperatures, num_classes: int, chunk: int = 1024) -> torch.Tensor:
-    """Correct (top-1, top-5) counts [len(ks), len(temperatures), 2] of knn_correct for every (k, T) cell,
-    from one similarity top-k per query chunk (the largest k; smaller k read its first columns)."""
+    """Correct (top-1, top-5) counts [len(ks), len(temperatures), 2] of weighted k-NN voting for every (k, T)
+    cell, from one similarity top-k per query chunk (the largest k; smaller k read its first columns).
+
+    Neighbour j votes exp(sim_j / T) for its class. The weights are computed as exp((sim_j - sim_1) / T), the
+    same votes divided by one positive number per query (so the same ranking), which stays finite at any T
+    (exp(sim / 0.001) overflows fp32 at sim > 0.09).
+    """
     counts = torch.zeros(len(ks), len(temperatures), 2, dtype=torch.long)
     k_max = min(max(ks), bank.shape[0])
     for start in range(0, queries.shape[0], chunk):
         q, q_labels = queries[start:start + chunk], query_labels[start:start + chunk]
-        sims, nearest = (q @ bank.T).topk(k_max, dim=1)
+        sims, nearest = (q @ bank.T).topk(k_max, dim=1)  # sorted: sims[:, :1] is each query's largest
+        sims = sims - sims[:, :1]
         neighbour_labels = bank_labels[nearest]
         for i, k in enumerate(ks):
             k = min(k, k_max)

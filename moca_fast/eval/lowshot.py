@@ -52,7 +52,12 @@ def read_subset(path: str, train) -> list[int]:
     if missing:
         raise ConfigError(f"--subset {path}: {missing[0]} is not an image of {train.root} "
                           f"({len(missing)} of {len(lines)} listed images are missing)")
-    return [position[os.path.normpath(rel)] for rel in wanted]
+    indices = [position[os.path.normpath(rel)] for rel in wanted]
+    classes = sorted({train.labels[i] for i in indices})
+    if len(classes) < 2:
+        raise ConfigError(f"--subset {path}: all {len(indices)} images are of class {train.classes[classes[0]]!r}; "
+                          f"logistic regression needs at least 2 classes")
+    return indices
 
 
 def draw_subsets(labels: list[int], classes: list[str], shots: list[int], splits: int, seed: int

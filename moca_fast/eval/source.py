@@ -10,14 +10,19 @@ Every file is read weights-only (safetensors, or torch.load(weights_only=True)).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from moca_fast.config import PRESETS, Config, ConfigError, load_config
+from moca_fast.config import (PRESETS, Config, ConfigError, apply_overrides, check_preset_agrees, check_ranges,
+                              load_config)
+from moca_fast.io.timm_export import export_digest, weight_sizes
 from moca_fast.model.vit import ViTEncoder
+
+log = logging.getLogger("moca_fast.eval")
 
 #: timm create_model kwargs of an export -> our Config fields
 _TIMM_TO_CONFIG = ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -49,6 +54,8 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
         teacher = _from_safetensors(Path(checkpoint))
     else:
         teacher = _from_file(Path(checkpoint), preset)
+    if checkpoint is not None:
+        check_preset_agrees(preset, teacher.cfg, f"--checkpoint {checkpoint}")
     teacher.encoder = teacher.encoder.to(device).float().eval().requires_grad_(False)
     return teacher
 
@@ -85,7 +92,7 @@ def _from_file(path: Path, preset: str | None) -> Teacher:
         model = load_model(path)
         return Teacher(model.teacher, model.config, f"model file {path}")
     if "timm_model" in ckpt and "state_dict" in ckpt:
-        return _timm_teacher(path, ckpt["state_dict"], ckpt.get("timm_kwargs") or {})
+        return _timm_teacher(path, ckpt["state_dict"], ckpt.get("timm_kwargs"), ckpt.get("sha256"))
     if "model" in ckpt:
         if preset is None:
             raise ConfigError(f"--checkpoint {path}: an official checkpoint needs --preset "
@@ -109,13 +116,49 @@ def _from_safetensors(path: Path) -> Teacher:
         raise ConfigError(f"--checkpoint {path}: not a safetensors file ({str(e).splitlines()[0]})") from None
     if "timm_kwargs" not in meta:
         raise ConfigError(f"--checkpoint {path}: no timm_kwargs metadata (not written by python -m moca_fast.io export)")
-    return _timm_teacher(path, state, json.loads(meta["timm_kwargs"]))
+    try:
+        kwargs = json.loads(meta["timm_kwargs"])
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--checkpoint {path}: malformed export metadata: timm_kwargs is not JSON ({e})") from None
+    return _timm_teacher(path, state, kwargs, meta.get("sha256"))
 
 
-def _timm_teacher(path: Path, state: dict, kwargs: dict) -> Teacher:
-    """Our timm export uses our own parameter names, so it loads straight into our ViT."""
-    sizes = {k: kwargs[k] for k in _TIMM_TO_CONFIG if k in kwargs}
-    cfg = replace(Config(), **sizes)
+def _export_config(path: Path, state, kwargs) -> Config:
+    """The encoder sizes of an export's metadata, checked for form, and against what its weights show."""
+    where = f"--checkpoint {path}"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{where}: malformed export: the weights are not a state dict of tensors")
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}: malformed export metadata: timm_kwargs is a {type(kwargs).__name__}, "
+                          f"not a mapping")
+    missing = [name for name in _TIMM_TO_CONFIG if name not in kwargs]
+    if missing:
+        raise ConfigError(f"{where}: malformed export metadata: timm_kwargs lacks {', '.join(missing)}")
+    try:
+        cfg = apply_overrides(Config(), {name: kwargs[name] for name in _TIMM_TO_CONFIG})
+        check_ranges(cfg, _TIMM_TO_CONFIG)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: malformed export metadata: {e}") from None
+    if cfg.embed_dim % cfg.num_heads or cfg.img_size % cfg.patch_size:
+        raise ConfigError(f"{where}: malformed export metadata: embed_dim {cfg.embed_dim} / num_heads "
+                          f"{cfg.num_heads} or img_size {cfg.img_size} / patch_size {cfg.patch_size} is not whole")
+    for name, actual in weight_sizes(state).items():
+        if actual != getattr(cfg, name):
+            raise ConfigError(f"{where}: weights of another architecture than its metadata says ({name} "
+                              f"{getattr(cfg, name)} in the metadata, {actual} in the weights)")
+    return cfg
+
+
+def _timm_teacher(path: Path, state, kwargs, digest: str | None) -> Teacher:
+    """Our timm export uses our own parameter names, so it loads straight into our ViT. num_heads leaves no
+    trace in the weights: the sha256 of weights and metadata, recorded at export, binds it to them."""
+    cfg = _export_config(path, state, kwargs)
+    if digest is None:
+        log.warning("%s: no sha256 in its metadata (exported by an older version): num_heads=%d is not verified",
+                    path, cfg.num_heads)
+    elif digest != export_digest(state, kwargs):
+        raise ConfigError(f"--checkpoint {path}: its metadata and weights do not match the sha256 recorded at "
+                          f"export (edited since?)")
     encoder = ViTEncoder(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
                          cfg.mlp_ratio, cfg.norm_eps)
     try:

@@ -14,10 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from moca_fast.config import PRESETS, parse_kv
+from moca_fast.config import PRESETS, check_preset_agrees, parse_kv
 from moca_fast.io.native import is_native, load_model, save_model
 from moca_fast.io.official import load_official, read_checkpoint
 from moca_fast.io.timm_export import export_teacher_timm
+from moca_fast.output_files import check_output_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,20 +45,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str, preset: str | None, overrides: dict):
-    if Path(path).is_dir():
-        from moca_fast.train.checkpoint import load_trained_model
+    """The model of an official checkpoint (with preset and overrides), a model file or a run / checkpoint
+    folder (which record their own config: a preset must agree with it, overrides are refused)."""
+    if Path(path).is_dir() or is_native(read_checkpoint(path)):
+        if overrides:
+            raise ValueError(f"--set {' '.join(overrides)}: {path} records its own config; --set applies only to "
+                             f"an official checkpoint")
+        if Path(path).is_dir():
+            from moca_fast.train.checkpoint import load_trained_model
 
-        return load_trained_model(path)[0]
-    if is_native(read_checkpoint(path)):
-        return load_model(path)
+            model = load_trained_model(path)[0]
+        else:
+            model = load_model(path)
+        check_preset_agrees(preset, model.config, path)
+        return model
     if preset is None:
         raise ValueError(f"{path}: an official checkpoint needs --preset (one of {', '.join(sorted(PRESETS))})")
     return load_official(path, preset, **overrides)
 
 
+def _written(out: str, write):
+    """write(), whose failure (OSError, or torch.save's RuntimeError on a full disk) becomes one line naming
+    --out; the file is written atomically, so nothing is left behind."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OSError(f"--out {out} could not be written ({reason})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.out:
+            check_output_file(args.out, "--out")
         overrides = parse_kv(args.set)
         if args.command == "import":
             model = load_official(args.checkpoint, args.preset, **overrides)
@@ -66,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
                   f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
             if args.out:
-                save_model(model, args.out)
+                _written(args.out, lambda: save_model(model, args.out))
                 print(f"wrote {args.out}")
         else:
             model = _load(args.source, args.preset, overrides)
-            name, kwargs = export_teacher_timm(model, args.out)
+            name, kwargs = _written(args.out, lambda: export_teacher_timm(model, args.out))
             call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
             print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
     except (ValueError, OSError) as e:

@@ -12,14 +12,15 @@ import torch
 from moca_fast.config import load_config
 from moca_fast.io.official import CheckpointError, read_checkpoint
 from moca_fast.model.moca import MOCA
+from moca_fast.output_files import atomic_file
 
 FORMAT = "moca_fast.model/1"
 
 
 def save_model(model: MOCA, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict()}, path)
+    """Writes the model file atomically (nothing half-written is left if it fails)."""
+    with atomic_file(path) as tmp:
+        torch.save({"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict()}, tmp)
 
 
 def is_native(ckpt: dict) -> bool:

@@ -12,13 +12,16 @@ global_pool="token", img_size=224, patch_size=16, embed_dim=768, depth=12, num_h
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from moca_fast.config import Config
 from moca_fast.model.moca import MOCA
+from moca_fast.output_files import atomic_file
 
 #: timm's registered ViTs at 224 px: (patch_size, embed_dim, depth, num_heads) -> name
 _TIMM_NAMES = {
@@ -46,24 +49,51 @@ def timm_spec(cfg: Config) -> tuple[str, dict]:
     return name, kwargs
 
 
-def export_teacher_timm(model: MOCA, path: str | Path) -> tuple[str, dict]:
-    """Writes the teacher encoder in timm layout; returns (timm model name, create_model kwargs).
+def export_digest(state: dict[str, torch.Tensor], kwargs: dict) -> str:
+    """sha256 of the create_model kwargs and every tensor (name, dtype, shape, bytes): recorded in an export,
+    it binds the metadata to the weights (num_heads, for one, leaves no trace in the weights)."""
+    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
-    `.safetensors`: the tensors, with "timm_model" and "timm_kwargs" (JSON) in the file's metadata.
-    Any other suffix: torch.save({"state_dict": tensors, "timm_model": name, "timm_kwargs": kwargs}).
+
+def weight_sizes(state: dict[str, torch.Tensor]) -> dict[str, int | float]:
+    """The encoder sizes a ViT state dict shows (those of its tensors that are present)."""
+    sizes = {}
+    if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].dim() == 4:
+        width, sizes["in_chans"], sizes["patch_size"], _ = state["patch_embed.proj.weight"].shape
+        sizes["embed_dim"] = width
+        if "pos_embed" in state and state["pos_embed"].dim() == 3:
+            sizes["img_size"] = math.isqrt(state["pos_embed"].shape[1] - 1) * sizes["patch_size"]
+    sizes["depth"] = len({name.split(".")[1] for name in state if name.startswith("blocks.")})
+    if "blocks.0.mlp.fc1.weight" in state and "embed_dim" in sizes:
+        sizes["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / sizes["embed_dim"]
+    return {name: int(v) if name != "mlp_ratio" else float(v) for name, v in sizes.items()}
+
+
+def export_teacher_timm(model: MOCA, path: str | Path) -> tuple[str, dict]:
+    """Writes the teacher encoder in timm layout, atomically; returns (timm model name, create_model kwargs).
+
+    `.safetensors`: the tensors, with "timm_model", "timm_kwargs" (JSON) and "sha256" (export_digest) in the
+    file's metadata. Any other suffix: torch.save({"state_dict": tensors, "timm_model": name,
+    "timm_kwargs": kwargs, "sha256": digest}).
     """
     path = Path(path)
     name, kwargs = timm_spec(model.config)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.teacher.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise ValueError(f"{path}: writing .safetensors needs the safetensors package "
-                             f"(pip install safetensors), or use a .pth path") from None
-        save_file(state, str(path), metadata={"timm_model": name, "timm_kwargs": json.dumps(kwargs),
-                                              "source": "moca_fast teacher encoder"})
-    else:
-        torch.save({"state_dict": state, "timm_model": name, "timm_kwargs": kwargs}, path)
+    digest = export_digest(state, kwargs)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError:
+                raise ValueError(f"{path}: writing .safetensors needs the safetensors package "
+                                 f"(pip install safetensors), or use a .pth path") from None
+            save_file(state, str(tmp), metadata={"timm_model": name, "timm_kwargs": json.dumps(kwargs),
+                                                 "sha256": digest, "source": "moca_fast teacher encoder"})
+        else:
+            torch.save({"state_dict": state, "timm_model": name, "timm_kwargs": kwargs, "sha256": digest}, tmp)
     return name, kwargs

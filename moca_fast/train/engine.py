@@ -7,14 +7,18 @@ DeepSpeed config precedence (documented for users of --deepspeed_config):
    DeepSpeed's throughput timer and overlap_comm (host syncs, see moca_fast.train.host_syncs).
 2. A user JSON file is deep-merged over the generated config and wins for every other key
    (e.g. zero_optimization.reduce_bucket_size, comms_logger, flops_profiler).
-3. A user value for one of the generated keys must equal ours, else a ConfigError names the
-   Config field to set instead; "optimizer", "scheduler" and fp16 are rejected (the optimiser
-   groups and schedules are MOCA's, the precision is bf16 or fp32).
+3. A user value for one of the generated keys must equal ours (JSON type included), else a ConfigError
+   names the Config field to set instead; "optimizer", "scheduler", fp16 / amp / torch_autocast and the
+   old "bfloat16" are rejected (the optimiser groups and schedules are MOCA's, the precision is bf16 or
+   fp32). The sections holding those keys must be objects, the step-time scalars of USER_SCALARS have their
+   type and range, and the merged config must pass DeepSpeed's own parser. All of it runs before the run
+   starts (deepspeed_config), each refusal one line naming the file and the key.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -42,12 +46,27 @@ GENERATED_KEYS = {
     "zero_optimization.stage": "zero_stage",
     "bf16.enabled": "precision",
 }
+#: refused keys: present at all (top level), enabled (".enabled": anything but absent / false / an object
+#: without it), or set to anything but false (other dotted keys)
 REJECTED_KEYS = {
     "optimizer": "the optimiser is AdamW over MOCA's parameter groups (set blr/lr/weight_decay/adam_betas)",
     "scheduler": "the lr/wd/momentum schedules are MOCA's (set warmup_epochs/lr_epochs_mul/weight_decay_end)",
     "fp16.enabled": "fp16 is not supported (use precision=bf16 or fp32)",
+    "amp.enabled": "apex AMP is not supported (use precision=bf16 or fp32)",
+    "bfloat16": "DeepSpeed's old name of bf16, which our config generates (set precision)",
+    "torch_autocast.enabled": "the precision is ours (set precision)",
     "checkpoint.use_node_local_storage": "checkpoints go to one shared --output folder (global rank 0 writes the "
                                          "model, each rank its own partition and trainer file)",
+}
+
+
+#: top-level keys DeepSpeed reads without checking them and uses at every step: (type, test, what it must be)
+USER_SCALARS = {
+    "steps_per_print": (int, lambda v: v >= 1, "an integer >= 1 (DeepSpeed divides the step by it)"),
+    "gradient_predivide_factor": (float | int, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    **{key: (bool, lambda v: True, "true or false") for key in (
+        "wall_clock_breakdown", "memory_breakdown", "prescale_gradients", "sparse_gradients", "dump_state",
+        "disable_allgather", "dataloader_drop_last", "zero_allow_untested_optimizer")},
 }
 
 
@@ -128,10 +147,13 @@ def generate_deepspeed_config(cfg: Config, world_size: int, precision: str) -> d
     return ds
 
 
-def _get(tree: dict, dotted: str):
+_ABSENT = object()
+
+
+def _get(tree: dict, dotted: str, default=None):
     for key in dotted.split("."):
         if not isinstance(tree, dict) or key not in tree:
-            return None
+            return default
         tree = tree[key]
     return tree
 
@@ -143,31 +165,131 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _json(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
+
+
+def _same_value(value, ours) -> bool:
+    """value equals ours with ours' JSON type: no true for 1, no 2.0 or "2" for 2 (DeepSpeed would take them)."""
+    if isinstance(ours, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(ours, bool) and value == ours
+    if isinstance(ours, int):
+        return isinstance(value, int) and value == ours
+    return isinstance(value, (int, float)) and value == ours
+
+
+def _check_sections(user: dict, source: str) -> None:
+    """Every section holding a key we generate or read is a JSON object (DeepSpeed unpacks it with **)."""
+    for dotted in list(GENERATED_KEYS) + [key for key in REJECTED_KEYS if "." in key]:
+        parts = dotted.split(".")
+        for depth in range(1, len(parts)):
+            section = ".".join(parts[:depth])
+            value = _get(user, section, _ABSENT)
+            if value is not _ABSENT and not isinstance(value, dict):
+                raise ConfigError(f"{source}: {section}={_json(value)} must be a JSON object "
+                                  f'(e.g. {{"{parts[depth]}": ...}})')
+
+
+def _is_enabled(section) -> bool:
+    """A DeepSpeed feature section that turns something on: anything but absent, false, or an object whose
+    "enabled" is absent or false."""
+    if section is _ABSENT or section is False:
+        return False
+    return not (isinstance(section, dict) and section.get("enabled", False) is False)
+
+
 def merge_user_config(generated: dict, user: dict, source: str = "--deepspeed_config") -> dict:
-    """The generated config with the user's deep-merged over it (see the module docstring)."""
+    """The generated config with the user's deep-merged over it (see the module docstring); every key we
+    generate or rely on is checked first: one ConfigError line naming `source` and the key."""
     for dotted, why in REJECTED_KEYS.items():
-        value = _get(user, dotted)
-        if value is not None and value is not False:
+        section, _, flag = dotted.rpartition(".")
+        value = _get(user, section or dotted, _ABSENT)
+        refused = _is_enabled(value) if flag == "enabled" else (
+            value is not _ABSENT if not section else _get(user, dotted, False) is not False)
+        if refused:
             raise ConfigError(f"{source}: {dotted!r} is not accepted: {why}")
+    _check_sections(user, source)
     for dotted, field in GENERATED_KEYS.items():
-        value = _get(user, dotted)
-        if value is not None and value != _get(generated, dotted):
-            raise ConfigError(f"{source}: {dotted}={value!r} conflicts with the value {_get(generated, dotted)!r} "
-                              f"from our config; set {field} instead")
-    return _deep_merge(generated, user)
+        value = _get(user, dotted, _ABSENT)
+        if value is not _ABSENT and not _same_value(value, _get(generated, dotted)):
+            raise ConfigError(f"{source}: {dotted}={_json(value)} conflicts with the value "
+                              f"{_json(_get(generated, dotted))} from our config; set {field} instead")
+    for key, (kind, check, expected) in USER_SCALARS.items():
+        value = user.get(key, _ABSENT)
+        if value is not _ABSENT and not (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+                                         and check(value)):
+            raise ConfigError(f"{source}: {key}={_json(value)} must be {expected}")
+    merged = _deep_merge(generated, user)
+    _check_with_deepspeed(merged, generated, user, source)
+    return merged
+
+
+def _deepspeed_refuses(config: dict) -> Exception | None:
+    """The error DeepSpeed's own config parser raises on `config` (its batch keys but train_batch_size, which
+    needs the world size and was checked above), or None. Its log lines are silenced meanwhile."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger as deepspeed_log
+
+    level = deepspeed_log.level
+    deepspeed_log.setLevel(logging.ERROR)
+    try:
+        DeepSpeedConfig({k: v for k, v in config.items() if k != "train_batch_size"})
+    except Exception as e:  # noqa: BLE001 - any refusal of DeepSpeed's parser becomes one line below
+        return e
+    finally:
+        deepspeed_log.setLevel(level)
+    return None
+
+
+def _check_with_deepspeed(merged: dict, generated: dict, user: dict, source: str) -> None:
+    """DeepSpeed's parser on the merged config, before anything starts. A refusal names the user's top-level
+    key without which the config parses (and the field inside it, where DeepSpeed's validation says)."""
+    error = _deepspeed_refuses(merged)
+    if error is None:
+        return
+    culprit = next((key for key in user if _deepspeed_refuses(
+        {k: v for k, v in merged.items() if k != key} | ({key: generated[key]} if key in generated else {})) is None),
+        None)
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    errors = error.errors() if hasattr(error, "errors") and callable(error.errors) else None
+    if errors:  # pydantic: the field path inside the section, and the reason
+        loc = [str(part) for part in errors[0].get("loc", ())]
+        if culprit is not None and loc[:1] != [culprit]:
+            loc = [culprit] + loc
+        culprit, detail = ".".join(loc) or culprit, f"{errors[0].get('msg', detail)} (got {_json(errors[0].get('input'))})"
+    raise ConfigError(f"{source}: {culprit if culprit is not None else 'the merged config'}: DeepSpeed refuses it: "
+                      f"{detail}")
 
 
 def load_user_deepspeed_config(path: str | os.PathLike) -> dict:
+    """The JSON object of a --deepspeed_config file (a key given twice is refused, as DeepSpeed does)."""
+    from moca_fast.config_file import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist")
+    text = read_text_file(path, "DeepSpeed config")
+
+    def no_duplicates(pairs):
+        keys = [key for key, _ in pairs]
+        twice = next((key for key in keys if keys.count(key) > 1), None)
+        if twice is not None:
+            raise ConfigError(f"DeepSpeed config {path}: {twice!r} is given twice in one object")
+        return dict(pairs)
+
     try:
-        user = json.loads(path.read_text())
+        user = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
     return user
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str, user_path: str | os.PathLike | None) -> dict:
+    """The DeepSpeed config of a run: generated from cfg, with a user file merged over it and checked."""
+    generated = generate_deepspeed_config(cfg, world_size, precision)
+    if user_path is None:
+        return generated
+    return merge_user_config(generated, load_user_deepspeed_config(user_path), f"DeepSpeed config {user_path}")
 
 
 def _fp32_tensors(model: nn.Module):
@@ -196,18 +318,18 @@ def _match_batchnorm_statistics(model: nn.Module) -> None:
 
 
 def build_engine(model: nn.Module, cfg: Config, dist_info: DistInfo, precision: str,
-                 user_config: dict | None = None):
+                 ds_config: dict | None = None):
     """deepspeed.initialize over the student's parameters (the four MOCA groups, torch AdamW), after the
     fast-path preparation that cfg.impl / cfg.compile_blocks ask for (moca_fast.model.fastpath).
 
+    ds_config: the run's DeepSpeed config (deepspeed_config); None: the one generated from cfg.
     Returns (engine, ds_config). After it the teacher and the codebook are fp32 on the device
     (restored from fp32 copies: DeepSpeed casts every parameter in bf16 mode).
     """
     import deepspeed
 
-    ds_config = generate_deepspeed_config(cfg, dist_info.world_size, precision)
-    if user_config:
-        ds_config = merge_user_config(ds_config, user_config)
+    if ds_config is None:
+        ds_config = generate_deepspeed_config(cfg, dist_info.world_size, precision)
     options = trainer_fast_options(cfg, dist_info.device)
     if options is not None:
         prepare_fast(model, options)

@@ -18,8 +18,8 @@ import torch
 from moca_fast.config import Config, ConfigError, save_config
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.cpu_threads import set_intra_op_threads
-from moca_fast.train.engine import (DistInfo, barrier, build_engine, init_distributed, input_dtype,
-                                    load_user_deepspeed_config, resolve_precision)
+from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
+                                    resolve_precision)
 from moca_fast.train.run_guard import check_resume_settings, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
@@ -87,10 +87,12 @@ def _fast_path_facts(model) -> dict | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, deepspeed_config: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, deepspeed_config_path: str | None = None):
         self.dist = init_distributed()
         setup_logging(self.dist.is_main)
         cfg = cfg.validate(self.dist.world_size).check_paths()
+        self.precision = resolve_precision(cfg, self.dist.device)
+        self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
         self.threads = set_intra_op_threads(cfg.cpu_threads, 0 if cfg.data_backend == "synthetic" else cfg.num_workers)
         self.cfg = cfg = _with_demo_data(cfg, self.dist)
         self.output = Path(cfg.output)
@@ -101,16 +103,13 @@ class Trainer:
         if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
             check_resume_settings(ckpt.read_meta(self.resume_from)["config"], cfg.to_dict(), RUN_FIELDS)
         self.lock = lock_run_folder(self.output, self.dist.is_main, self.dist.device)
-        self.precision = resolve_precision(cfg, self.dist.device)
         self.dtype = input_dtype(self.precision)
-        user_ds = load_user_deepspeed_config(deepspeed_config) if deepspeed_config else None
 
         from moca_fast.data import build_train_loader
         from moca_fast.model.moca import MOCA
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.engine, self.ds_config = build_engine(MOCA(cfg, self.dist.world_size), cfg, self.dist, self.precision,
-                                                   user_ds)
+        self.engine, _ = build_engine(MOCA(cfg, self.dist.world_size), cfg, self.dist, self.precision, self.ds_config)
         self.model = self.engine.module
         if cfg.impl == "fast" and self.dist.device.type == "cuda":  # no silent fallback: stop before step 1
             from moca_fast.kernels.selfcheck import check_fused_ops

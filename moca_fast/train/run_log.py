@@ -134,9 +134,41 @@ class RunLog:
             self._metrics.close()
 
 
+#: the name of the one root handler setup_logging makes (and replaces when called again)
+LOG_HANDLER = "moca_fast"
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when a record comes, not as it was when the handler was
+    made (a stream kept from then may be closed since: a redirected or captured stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the current sys.stderr is always used
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
-    """INFO on rank 0, warnings only elsewhere; DeepSpeed's chatter at warning level."""
-    level = logging.INFO if is_main else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    """INFO on rank 0, warnings only elsewhere, to the current sys.stderr in one format; DeepSpeed's chatter at
+    warning level. Touches only the handlers it made and DeepSpeed's own (any other handler stays).
+
+    DeepSpeed's logger comes with its own handler, bound to the sys.stdout of the moment deepspeed was
+    imported; it is removed, so DeepSpeed's lines go where ours go.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == LOG_HANDLER]:
+        root.removeHandler(handler)
+    handler = _CurrentStderr()
+    handler.set_name(LOG_HANDLER)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    deepspeed_log.setLevel(logging.WARNING)
+    for handler in [h for h in deepspeed_log.handlers if type(h) is logging.StreamHandler]:  # DeepSpeed's own
+        deepspeed_log.removeHandler(handler)
+    deepspeed_log.propagate = True
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
