@@ -5,6 +5,7 @@ device-wide synchronize. torch AdamW's step counters are not counted: without fu
 setting) they are host tensors. The synchronize inside DeepSpeed's overlap_comm branches is not reachable on the
 CPU accelerator (it resolves data dependencies itself): the generated config's overlap_comm=False is checked."""
 import os
+import random
 
 import pytest
 import torch
@@ -44,11 +45,14 @@ class HostSyncs(TorchDispatchMode):
 def _engine(stage, precision, info, user=None, seed=0):
     """ZeRO 2 (gradients reduced at every micro-step) with gradient accumulation 2, the others without."""
     from moca_fast.model.moca import MOCA
-    from moca_fast.train.engine import build_engine
+    from moca_fast.train.engine import build_engine, generate_deepspeed_config, merge_user_config
 
     cfg = load_config("tiny", overrides=dict(SMALL, zero_stage=stage, grad_accum=2 if stage == 2 else 1))
+    ds_config = generate_deepspeed_config(cfg, info.world_size, precision)
+    if user is not None:
+        ds_config = merge_user_config(ds_config, user)
     torch.manual_seed(seed)
-    engine, ds_config = build_engine(MOCA(cfg, info.world_size), cfg, info, precision, user)
+    engine, ds_config = build_engine(MOCA(cfg, info.world_size), cfg, info, precision, ds_config)
     for g in engine.optimizer.param_groups:
         g["lr"] = 1e-3
     return engine, ds_config
@@ -73,6 +77,7 @@ def _optimizer_steps(engine, precision, steps, seed=1, poison_step=None):
             mode = HostSyncs(steps_counters)
             device_syncs.clear()
             torch.manual_seed(100 + step)  # masks and codebook draws
+            random.seed(100 + step)  # the codebook's choice of view
             for _ in range(engine.gradient_accumulation_steps()):
                 x1, x2 = torch.randn(2, SMALL["batch_size"], 3, 32, 32, generator=g).to(dtype)
                 loss, _ = engine(x1, x2, momentum=0.99, update_teacher=engine.is_gradient_accumulation_boundary())
