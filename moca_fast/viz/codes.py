@@ -158,7 +158,7 @@ def needs_codebook(codebook: OnlineCodebook | None, source: str) -> OnlineCodebo
 
 def figure(argv: list[str]):
     """(the figure, a summary line, the parsed flags) of the command line argv."""
-    args = cli.parser("codes", __doc__.split("\n\n")[0]).parse_args(argv)
+    args = cli.parser("codes", __doc__).parse_args(argv)
     inputs = cli.load_inputs(args)
     teacher = inputs.teacher
     maps = code_maps(inputs.tokens, needs_codebook(teacher.codebook, teacher.source))

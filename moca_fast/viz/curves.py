@@ -127,7 +127,7 @@ def curves_figure(paths: list[str]):
 
 def figure(argv: list[str]):
     """(the figure, a summary line, the parsed flags) of the command line argv."""
-    p = cli.parser("curves", __doc__.split("\n\n")[0], num_images=None, source=False)
+    p = cli.parser("curves", __doc__, num_images=None, source=False)
     p.add_argument("runs", nargs="+", metavar="RUN", help=f"run folders (or their {METRICS})")
     args = p.parse_args(argv)
     return curves_figure(args.runs), f"training curves of {len(args.runs)} run(s)", args

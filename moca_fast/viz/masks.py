@@ -1,4 +1,4 @@
-"""The student's two masking rounds of one image, as a training step draws them.
+"""The student's two masking rounds of one image (the first one given), as a training step draws them.
 
 The masks come from the training's generator (moca_fast.model.masks.make_two_complementary_masks) with the
 source's config: round 1's encoder sees len_keep[0] tokens and its decoder predicts codes at len_dec[0]
@@ -108,7 +108,7 @@ def draw(pixels: np.ndarray, name: str, masks: RoundMasks, title: str, patch: in
 
 def figure(argv: list[str]):
     """(the figure, a summary line, the parsed flags) of the command line argv."""
-    p = cli.parser("masks", __doc__.split("\n\n")[0] + " (of the first image given)", num_images=1)
+    p = cli.parser("masks", __doc__, num_images=1)
     p.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
     args = p.parse_args(argv)
     found = find_images(args.images, args.data, 1)[:1]

@@ -99,7 +99,7 @@ def draw(queries: Images, neighbours: list[Images], sims: torch.Tensor, title: s
 
 def figure(argv: list[str]):
     """(the figure, a summary line, the parsed flags) of the command line argv."""
-    p = cli.parser("neighbors", __doc__.split("\n\n")[0], num_images=4)
+    p = cli.parser("neighbors", __doc__, num_images=4)
     p.add_argument("--train", help="the training images to search (class sub-folders or flat)")
     p.add_argument("-k", type=int, default=8, help="neighbours per query (default 8)")
     p.add_argument("--max-train", type=int, default=20000,

@@ -94,7 +94,7 @@ def draw(images: Images, maps: PcaMaps, title: str):
 
 def figure(argv: list[str]):
     """(the figure, a summary line, the parsed flags) of the command line argv."""
-    p = cli.parser("pca", __doc__.split("\n\n")[0])
+    p = cli.parser("pca", __doc__)
     p.add_argument("--foreground", action="store_true", help="also show the first component thresholded as a mask")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="foreground threshold on the first component (default 0: its mean)")
