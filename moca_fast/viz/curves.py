@@ -108,8 +108,6 @@ def draw(runs: list[Run]):
                 lines += ax.plot(steps, values, marker=marker, markersize=4, color=f"C{i}", label=run.label)
         if not ax.lines:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-        if key in ("loss", "loss_img", "loss_loc"):
-            ax.set_yscale("log")
     legend_ax = axes[-1] if len(PANELS) % COLUMNS else None
     handles = {line.get_label(): line for line in lines}
     if legend_ax is not None:
