@@ -112,11 +112,11 @@ def draw(images: Images, maps: CodeMaps, title: str, patch_size: int):
         image_axis(axes[2, i])
     axes[1, 0].set_ylabel("word (argmax)", fontsize=TITLE_SIZE)
     axes[2, 0].set_ylabel("entropy", fontsize=TITLE_SIZE)
-    share = 100.0 / maps.words.size
-    handles = [Patch(color=c, label=f"word {w}: {share * maps.uses[w]:.0f} %") for w, c in colours.items()]
-    handles.append(Patch(color=OTHER_WORDS, label="other words"))
+    handles = [Patch(color=c, label=f"word {w}: {maps.uses[w]}") for w, c in colours.items()]
+    others = maps.words.size - sum(maps.uses[w] for w in colours)
+    handles.append(Patch(color=OTHER_WORDS, label=f"other words: {others}"))
     top.legend(handles=handles, loc="outside right upper", fontsize=7, ncols=2 if len(handles) > 11 else 1,
-               title="patches per word", title_fontsize=7)
+               title=f"patches per word (of {maps.words.size})", title_fontsize=7)
     bar = top.colorbar(shown, ax=axes[2, :].tolist(), location="right", fraction=0.05, pad=0.01)
     bar.set_label(f"entropy (nats; uniform: ln K = {math.log(maps.num_words):.2f})", fontsize=7)
     _draw_top_words(bottom, images, maps, colours, patch_size, word_rows)
