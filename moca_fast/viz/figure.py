@@ -30,12 +30,6 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def pixel_size(fig: Figure) -> tuple[int, int]:
-    """(width, height) of the PNG that save_png writes."""
-    width, height = fig.get_size_inches() * fig.dpi
-    return int(round(width)), int(round(height))
-
-
 def where(source: str, step: int | None) -> str:
     """"<source>, step N" (the step when the source records one)."""
     return source if step is None else f"{source}, step {step}"
