@@ -20,6 +20,7 @@ from moca_fast.eval.cli import EXIT_BAD_INPUT, OneLineParser, positive
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
 from moca_fast.viz import interrupt
+from moca_fast.viz.figure import save_png, where
 from moca_fast.viz.images import Images, encoder_tokens, find_images, load_images, patch_tokens
 
 
@@ -56,8 +57,6 @@ class Inputs:
 
     @property
     def title(self) -> str:
-        from moca_fast.viz.figure import where
-
         return where(self.teacher.source, self.teacher.step)
 
 
@@ -76,8 +75,6 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 def run(figure, argv: list[str] | None) -> int:
     """figure(argv) -> (matplotlib Figure, summary, parsed args): writes args.output and prints
     "summary -> path", or one line on bad input or a signal."""
-    from moca_fast.viz.figure import save_png
-
     previous = interrupt.install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
