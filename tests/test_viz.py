@@ -1,6 +1,7 @@
 """Issue 21: `python -m moca_fast.viz {pca,codes,masks,curves,neighbors}` and the run's own pictures, on the demo
 digits with one short real run (launch/train.py) shared by the tests."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 # the run: 20 train digits per class (200), batch 50 -> 4 steps an epoch; a k-NN (5 val digits per class)
 # after epoch 1 (step 4) and at the end (step 5)
 STEPS_PER_EPOCH, STEPS = 4, 5
+
+
+@pytest.fixture(autouse=True)
+def fresh_root_logging(monkeypatch):
+    """Each test starts without the root log handlers that earlier tests of the session bound to their captured,
+    now closed, streams (they print "--- Logging error ---" tracebacks), as a command starts in a fresh process."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
 
 def _demo_subset(root: Path, split: str, per_class: int) -> Path:
