@@ -14,6 +14,7 @@ setup(
         "moca_fast.eval",
         "moca_fast.fakegpu",
         "moca_fast.io",
+        "moca_fast.viz",
         "moca_fast.kernels",
     ],
     package_dir={"moca_fast.kernels": "kernels"},
@@ -27,7 +28,8 @@ setup(
         "pillow",
         "tqdm",
         "mlxtend",
-        "scikit-learn",  # low-shot logistic regression (moca_fast.eval lowshot)
+        "scikit-learn",  # low-shot logistic regression (moca_fast.eval lowshot), PCA (moca_fast.viz)
+        "matplotlib>=3.7",  # every figure of moca_fast.viz (Agg backend: no display needed)
         "timm",  # fine-tuning builds on timm's ViT, Mixup, transforms, layer-decay groups, losses
     ],
     extras_require={

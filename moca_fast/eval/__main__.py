@@ -4,20 +4,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+from moca_fast.subcommands import choose
+
 PROTOCOLS = {"knn": "k-NN sweep", "linear": "linear probe", "lowshot": "low-shot logistic regression",
              "finetune": "full fine-tuning"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n" + "\n".join(f"  {name:9s} {what}" for name, what in PROTOCOLS.items()))
-        return 0 if argv else 2
-    if argv[0] not in PROTOCOLS:
-        print(f"error: unknown protocol {argv[0]!r}; choose one of {', '.join(PROTOCOLS)}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(f"moca_fast.eval.{argv[0]}")
-    if argv[0] == "knn":
+    protocol = choose(argv, __doc__, PROTOCOLS, "protocol")
+    if isinstance(protocol, int):
+        return protocol
+    module = importlib.import_module(f"moca_fast.eval.{protocol}")
+    if protocol == "knn":
         return module.main(argv[1:], prog="python -m moca_fast.eval knn")
     return module.main(argv[1:])
 

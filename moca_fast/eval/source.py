@@ -20,6 +20,7 @@ import torch.nn as nn
 from moca_fast.config import (PRESETS, Config, ConfigError, apply_overrides, check_preset_agrees, check_ranges,
                               load_config)
 from moca_fast.io.timm_export import export_digest, weight_sizes
+from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.vit import ViTEncoder
 
 log = logging.getLogger("moca_fast.eval")
@@ -30,11 +31,15 @@ _TIMM_TO_CONFIG = ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "
 
 @dataclass
 class Teacher:
-    """The teacher ViT (fp32, eval mode), the config of its sizes, and a description of the source."""
+    """The teacher ViT (fp32, eval mode), the config of its sizes, and a description of the source; the
+    online codebook (words and dist_norm) where the source holds one (not a timm export), and the
+    training step where the source records it (a checkpoint)."""
 
     encoder: ViTEncoder
     cfg: Config
     source: str
+    codebook: OnlineCodebook | None = None
+    step: int | None = None
 
 
 def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
@@ -45,7 +50,9 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
         from moca_fast.model.moca import MOCA
 
         torch.manual_seed(cfg.seed)  # as launch/train.py does before building the model
-        teacher = Teacher(MOCA(cfg, 1).teacher, cfg, f"preset {preset} at random initialisation (seed {cfg.seed})")
+        model = MOCA(cfg, 1)
+        teacher = Teacher(model.teacher, cfg, f"preset {preset} at random initialisation (seed {cfg.seed})",
+                          model.codebook)
     elif not Path(checkpoint).exists():
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder, run folder or file (no such path)")
     elif Path(checkpoint).is_dir():
@@ -57,6 +64,8 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
     if checkpoint is not None:
         check_preset_agrees(preset, teacher.cfg, f"--checkpoint {checkpoint}")
     teacher.encoder = teacher.encoder.to(device).float().eval().requires_grad_(False)
+    if teacher.codebook is not None:
+        teacher.codebook = teacher.codebook.to(device).float()
     return teacher
 
 
@@ -73,13 +82,13 @@ def _weights_mismatch(path, e: RuntimeError) -> ConfigError:
 
 
 def _from_folder(folder: str) -> Teacher:
-    from moca_fast.train.checkpoint import load_trained_model
+    from moca_fast.train.checkpoint import load_trained_model, read_meta
 
     try:
         model, cfg, found = load_trained_model(folder, "cpu")
     except RuntimeError as e:  # load_state_dict: the saved weights do not fit the saved config
         raise _weights_mismatch(folder, e) from None
-    return Teacher(model.teacher, cfg, f"checkpoint {found}")
+    return Teacher(model.teacher, cfg, f"checkpoint {found}", model.codebook, read_meta(found).get("step"))
 
 
 def _from_file(path: Path, preset: str | None) -> Teacher:
@@ -90,7 +99,7 @@ def _from_file(path: Path, preset: str | None) -> Teacher:
     ckpt = read_checkpoint(path)
     if is_native(ckpt):
         model = load_model(path)
-        return Teacher(model.teacher, model.config, f"model file {path}")
+        return Teacher(model.teacher, model.config, f"model file {path}", model.codebook)
     if "timm_model" in ckpt and "state_dict" in ckpt:
         return _timm_teacher(path, ckpt["state_dict"], ckpt.get("timm_kwargs"), ckpt.get("sha256"))
     if "model" in ckpt:
@@ -99,7 +108,7 @@ def _from_file(path: Path, preset: str | None) -> Teacher:
                               f"(one of {', '.join(sorted(PRESETS))})")
         _preset(preset)
         model = load_official(path, preset)
-        return Teacher(model.teacher, model.config, f"official checkpoint {path} (preset {preset})")
+        return Teacher(model.teacher, model.config, f"official checkpoint {path} (preset {preset})", model.codebook)
     raise ConfigError(f"--checkpoint {path}: not a moca_fast model file, timm export or official MOCA checkpoint "
                       f"(keys: {', '.join(map(str, list(ckpt)[:6])) or 'none'})")
 

@@ -25,6 +25,7 @@ from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
+from moca_fast.viz.training import log_eval_figures, write_run_figures
 
 log = logging.getLogger("moca_fast.train")
 
@@ -278,6 +279,7 @@ class Trainer:
             result = self.knn_accuracy()
             run_log.write({"step": self.step, "epoch": round(self.epoch_float(), 6),
                            "knn_top1": result["top1"], "knn_top5": result["top5"]})
+            log_eval_figures(run_log.tensorboard, self.model, self.knn.val, self.step, self.dtype)
         return False
 
     def _final_eval(self) -> dict:
@@ -290,6 +292,7 @@ class Trainer:
                   "train_images": final["train_images"], "val_images": final["val_images"]}
         if self.dist.is_main:
             (self.output / "eval.json").write_text(json.dumps(result, indent=1))
+            write_run_figures(self.output, self.model, self.knn.val, self.step, self.dtype)
         return result
 
 

@@ -50,7 +50,7 @@ def write_env_json(path: Path, **run_facts) -> dict:
     return env
 
 
-def _tensorboard_writer(folder: Path):
+def tensorboard_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
@@ -91,7 +91,7 @@ class RunLog:
             return
         _drop_records_after(output / "metrics.jsonl", start_step)
         self._metrics = open(output / "metrics.jsonl", "a")
-        self.tensorboard = _tensorboard_writer(output / "tensorboard")
+        self.tensorboard = tensorboard_writer(output / "tensorboard")
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -1,0 +1,19 @@
+"""The first word of `python -m moca_fast.eval ...` / `python -m moca_fast.viz ...`: which command runs.
+Imports nothing heavy (the viz entry point chooses before torch loads)."""
+from __future__ import annotations
+
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def choose(argv: list[str], usage: str, commands: dict[str, str], noun: str) -> str | int:
+    """argv[0] when it is one of `commands` (name -> what it does); else the exit status after printing the
+    usage and the list (no argument: 2, -h / --help: 0) or one `error:` line (an unknown name: 2)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage.strip() + "\n" + "\n".join(f"  {name:10s} {what}" for name, what in commands.items()))
+        return 0 if argv else EXIT_BAD_INPUT
+    if argv[0] not in commands:
+        print(f"error: unknown {noun} {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return argv[0]

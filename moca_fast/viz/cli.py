@@ -1,0 +1,93 @@
+"""What the figure commands share: their flags, the source and images they read, and how they end.
+
+Source: --checkpoint / --preset, exactly as the evaluation commands take them (moca_fast.eval.source).
+Images: files or folders as arguments, or --data demo (moca_fast.viz.images). --output FILE.png (default
+viz_<kind>.png in the current folder). A command prints one line naming the PNG it wrote. Bad input: one line
+`error: ...` naming the file or setting, exit status 2. SIGINT / SIGTERM: one line, exit status 128 + the
+signal's number, and no figure file (PNGs are written to a temporary name and renamed into place).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from moca_fast.config import ConfigError
+from moca_fast.eval.cli import EXIT_BAD_INPUT, OneLineParser, positive
+from moca_fast.eval.source import Teacher, load_teacher
+from moca_fast.io.official import CheckpointError
+from moca_fast.viz import interrupt
+from moca_fast.viz.figure import save_png, where
+from moca_fast.viz.images import Images, encoder_tokens, find_images, load_images, patch_tokens
+
+
+def parser(kind: str, doc: str, num_images: int | None = 8, source: bool = True) -> OneLineParser:
+    """The command's parser: source flags (unless source=False), image arguments (unless num_images is None),
+    --output."""
+    p = OneLineParser(prog=f"python -m moca_fast.viz {kind}", description=doc,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    if source:
+        p.add_argument("--checkpoint", help="run folder, checkpoint folder, model file, official checkpoint "
+                                            "(with --preset) or timm export; absent: --preset at random init")
+        p.add_argument("--preset", help="architecture of an official checkpoint, or the randomly initialised preset")
+    if num_images is not None:
+        p.add_argument("images", nargs="*", help="image files (each used) or folders (up to --num-images each)")
+        p.add_argument("--data", help="'demo' (the demo's held-out digits) or a folder (its val/ when present)")
+        p.add_argument("--num-images", type=int, default=num_images,
+                       help=f"images taken from each folder, one class after another (default {num_images})")
+        p.add_argument("--batch-size", type=int, default=64, help="images per teacher forward (default 64)")
+    p.add_argument("--output", default=f"viz_{kind}.png", help=f"the PNG file to write (default viz_{kind}.png)")
+    return p
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class Inputs:
+    """The source's teacher, the images and their teacher patch tokens [N, L, C] (fp32)."""
+
+    teacher: Teacher
+    images: Images
+    tokens: torch.Tensor
+
+    @property
+    def title(self) -> str:
+        return where(self.teacher.source, self.teacher.step)
+
+
+def load_inputs(args: argparse.Namespace) -> Inputs:
+    """The teacher of --checkpoint / --preset and one batched forward of the images through it."""
+    positive("--num-images", args.num_images)
+    positive("--batch-size", args.batch_size)
+    found = find_images(args.images, args.data, args.num_images)  # input errors before the model loads
+    dev = device()
+    teacher = load_teacher(args.checkpoint, args.preset, dev)
+    images = load_images(found, teacher.cfg.img_size)
+    tokens = patch_tokens(encoder_tokens(teacher.encoder), images.normalized(dev), args.batch_size)
+    return Inputs(teacher, images, tokens)
+
+
+def run(figure, argv: list[str] | None) -> int:
+    """figure(argv) -> (matplotlib Figure, summary, parsed args): writes args.output and prints
+    "summary -> path", or one line on bad input or a signal."""
+    previous = interrupt.install()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        fig, summary, args = figure(argv)
+        interrupt.check()
+        path = save_png(fig, args.output)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except interrupt.Interrupted as e:
+        print(f"stopped by {e}: no figure written", file=sys.stderr)
+        return e.exit_status
+    finally:
+        interrupt.restore(previous)
+    print(f"{summary}  ->  {path}")
+    return 0
