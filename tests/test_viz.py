@@ -245,7 +245,8 @@ def timm_export(tmp_path_factory):
     (["codes", "--checkpoint", "{timm}", "--data", "demo"], "holds no codebook"),
     (["curves", "{empty}"], "no metrics.jsonl"),
     (["neighbors", "--preset", "demo", "--data", "demo", "-k", "0"], "-k 0 must be >= 1"),
-    (["pca", "--preset", "demo", "--data", "demo", "--output", "{not_image}/x.png"], "cannot write the figure"),
+    (["pca", "--preset", "demo", "--data", "demo", "--output", "{not_image}/x.png"], "not_image.jpg is a file"),
+    (["codes", "--checkpoint", "{missing}", "--data", "demo", "--output", "{empty}"], "is a folder, not a file"),
     (["nope"], "unknown figure 'nope'"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, timm_export, capsys):
@@ -265,8 +266,8 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, timm_export
 def test_a_signal_while_saving_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
-    def save_half_then_signal(self, f, **kwargs):
-        f.write(b"\x89PNG\r\n\x1a\n half")
+    def save_half_then_signal(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n half")
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Figure, "savefig", save_half_then_signal)

@@ -2,7 +2,8 @@
 
 Source: --checkpoint / --preset, exactly as the evaluation commands take them (moca_fast.eval.source).
 Images: files or folders as arguments, or --data demo (moca_fast.viz.images). --output FILE.png (default
-viz_<kind>.png in the current folder). A command prints one line naming the PNG it wrote. Bad input: one line
+viz_<kind>.png in the current folder; checked before any work). A command prints one line naming the PNG it wrote.
+Bad input: one line
 `error: ...` naming the file or setting, exit status 2. SIGINT / SIGTERM: one line, exit status 128 + the
 signal's number, and no figure file (PNGs are written to a temporary name and renamed into place).
 """
@@ -19,15 +20,25 @@ from moca_fast.config import ConfigError
 from moca_fast.eval.cli import EXIT_BAD_INPUT, OneLineParser, positive
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
+from moca_fast.output_files import check_output_file
 from moca_fast.viz import interrupt
 from moca_fast.viz.figure import save_png, where
 from moca_fast.viz.images import Images, encoder_tokens, find_images, load_images, patch_tokens
 
 
-def parser(kind: str, doc: str, num_images: int | None = 8, source: bool = True) -> OneLineParser:
+class FigureParser(OneLineParser):
+    """Checks --output as soon as the flags are parsed: an unwritable path is refused before any work."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        check_output_file(parsed.output, "--output")
+        return parsed
+
+
+def parser(kind: str, doc: str, num_images: int | None = 8, source: bool = True) -> FigureParser:
     """The command's parser: source flags (unless source=False), image arguments (unless num_images is None),
     --output."""
-    p = OneLineParser(prog=f"python -m moca_fast.viz {kind}", description=doc,
+    p = FigureParser(prog=f"python -m moca_fast.viz {kind}", description=doc,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     if source:
         p.add_argument("--checkpoint", help="run folder, checkpoint folder, model file, official checkpoint "

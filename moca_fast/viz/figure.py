@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from moca_fast.config import ConfigError
+from moca_fast.output_files import atomic_file
 
 DPI = 100
 PANEL = 2.0  # inches per image panel
@@ -56,20 +57,12 @@ def short_name(path: str, limit: int = 24) -> str:
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:
-    """Writes fig as a PNG via a hidden temporary file renamed into place: a reader (or a signal, or a crash)
-    never sees a partial file. An unwritable path is a ConfigError naming it."""
+    """Writes fig as a PNG through moca_fast.output_files.atomic_file: a reader (or a signal, or a crash) never
+    sees a partial file. An unwritable path is a ConfigError naming it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=fig.dpi)
     except OSError as e:
         raise ConfigError(f"--output {path}: cannot write the figure ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
