@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from moca_fast.data.scan import ImageList, open_rgb
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
 from moca_fast.data.transforms import EvalTransform, Normalizer, TwoViewTransform
+from moca_fast.ending import STOP_SIGNALS
 
 log = logging.getLogger("moca_fast.data")
 
@@ -76,10 +77,11 @@ class _ShardBatchSampler:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker outlives SIGTERM / SIGINT sent to the process group: the rank saves its checkpoint first,
-    then shuts its workers down (a worker killed under it would end the rank with an error instead)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker outlives SIGTERM / SIGINT / SIGHUP sent to the process group: the rank decides (it saves its
+    checkpoint, then shuts its workers down, or it ends at once and kills them, moca_fast.ending); a worker
+    killed under it would end the rank with an error instead."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _data_loader(dataset, device: torch.device, num_workers: int, persistent: bool, **kwargs) -> DataLoader:

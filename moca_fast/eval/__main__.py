@@ -9,7 +9,12 @@ PROTOCOLS = {"knn": "k-NN sweep", "linear": "linear probe", "lowshot": "low-shot
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from moca_fast.entry import run_main  # stops are handled and errors are one line from here
+
+    return run_main(lambda end: _main(sys.argv[1:] if argv is None else argv), known=lambda error: None)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n" + "\n".join(f"  {name:9s} {what}" for name, what in PROTOCOLS.items()))
         return 0 if argv else 2

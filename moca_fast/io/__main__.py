@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 from moca_fast.config import PRESETS, parse_kv
-from moca_fast.io.native import is_native, load_model, save_model
-from moca_fast.io.official import load_official, read_checkpoint
-from moca_fast.io.timm_export import export_teacher_timm
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moca_fast.io", description=__doc__,
+    from moca_fast.entry import OneLineParser
+
+    parser = OneLineParser(prog="python -m moca_fast.io", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str, preset: str | None, overrides: dict):
+    from moca_fast.io.native import is_native, load_model
+    from moca_fast.io.official import load_official, read_checkpoint
+
     if Path(path).is_dir():
         from moca_fast.train.checkpoint import load_trained_model
 
@@ -56,26 +58,38 @@ def _load(path: str, preset: str | None, overrides: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moca_fast.entry import EXIT_BAD_INPUT, first_line, run_main  # stops handled, errors one line from here
+
+    def known(error: Exception) -> tuple[int, str] | None:
+        if isinstance(error, (ValueError, OSError)):
+            return EXIT_BAD_INPUT, f"error: {first_line(error)}"
+        return None
+
+    return run_main(lambda end: _main(argv, end), known=known)
+
+
+def _main(argv: list[str] | None, end) -> int:
+    end.immediate("before the command finished")
     args = _parser().parse_args(argv)
-    try:
-        overrides = parse_kv(args.set)
-        if args.command == "import":
-            model = load_official(args.checkpoint, args.preset, **overrides)
-            cb = model.codebook
-            print(f"loaded {args.checkpoint}: preset {args.preset}, {len(model.state_dict())} tensors, "
-                  f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
-                  f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
-            if args.out:
-                save_model(model, args.out)
-                print(f"wrote {args.out}")
-        else:
-            model = _load(args.source, args.preset, overrides)
-            name, kwargs = export_teacher_timm(model, args.out)
-            call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
-            print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
-    except (ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    from moca_fast.io.native import save_model
+    from moca_fast.io.official import load_official
+    from moca_fast.io.timm_export import export_teacher_timm
+
+    overrides = parse_kv(args.set)
+    if args.command == "import":
+        model = load_official(args.checkpoint, args.preset, **overrides)
+        cb = model.codebook
+        print(f"loaded {args.checkpoint}: preset {args.preset}, {len(model.state_dict())} tensors, "
+              f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
+              f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
+        if args.out:
+            save_model(model, args.out)
+            print(f"wrote {args.out}")
+    else:
+        model = _load(args.source, args.preset, overrides)
+        name, kwargs = export_teacher_timm(model, args.out)
+        call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
     return 0
 
 

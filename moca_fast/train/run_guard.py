@@ -1,12 +1,14 @@
-"""What keeps a run from being lost or silently wrong: the run-folder lock, the settings a resume
-may not change, the finiteness check before a checkpoint, disk-full errors, and the exit statuses.
+"""What keeps a run from being lost or silently wrong: the run-folder lock, the settings and the data a
+resume may not change, the finiteness check before a checkpoint, disk-full errors, and the exit statuses.
 
 Exit statuses of launch/train.py (README "What is guaranteed"):
-  0 done, or stopped by SIGTERM/SIGINT with a checkpoint saved
-  1 any other error (a rank that died, a failed collective, a bug): one line, traceback in the run log
+  0 done, or stopped by SIGTERM/SIGINT/SIGHUP in the training loop with the step reached saved
+  1 any other error (a rank that died, a failed collective, a bug): one line, traceback in a file it names
   2 a bad setting or input (ConfigError): one line naming it
   3 non-finite loss, weights or gradient norm: no checkpoint of that state is written
   4 no space left while writing a checkpoint: the partial folder is removed
+  128+N stopped by signal N where there was nothing (more) to save: before step 1, or between a saved
+    checkpoint and the next step (129 also when the launcher went away); the line names what is saved
 """
 from __future__ import annotations
 
