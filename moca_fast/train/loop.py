@@ -21,7 +21,7 @@ from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.cpu_threads import set_intra_op_threads
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, init_distributed, input_dtype,
                                     load_user_deepspeed_config, resolve_precision)
-from moca_fast.train.run_guard import check_resume_settings, lock_run_folder, non_finite_state
+from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
@@ -30,7 +30,7 @@ from moca_fast.train.stop import StopSignal
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks", "activation_memory_budget", "cpu_threads")
+              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change")
 #: a checkpoint that takes longer than this may not finish within the 30 s the deepspeed launcher waits
 #: between forwarding a stop signal and SIGKILL (the previous checkpoint then stays the latest)
 SLOW_SAVE_S = 15.0
@@ -154,6 +154,10 @@ class Trainer:
             log.info("an epoch has %d batches per rank and grad_accum=%d: the last %d batch(es) of every epoch are "
                      "not used (%d optimiser steps per epoch)", len(self.loader), cfg.grad_accum, unused,
                      self.steps_per_epoch)
+        self.data_change = None
+        if self.resume_from is not None:
+            self.data_change = check_resume_data(self.resume_meta.get("data"), self.loader.identity,
+                                                 self.resume_from, cfg.resume_data_change)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -166,7 +170,7 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"world_size": self.dist.world_size, "precision": self.precision, "epoch": self.epoch_float(),
-                "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict()}
+                "steps_per_epoch": self.steps_per_epoch, "data": self.loader.identity, "config": self.cfg.to_dict()}
 
     def _write_run_files(self) -> None:
         if not self.dist.is_main:
@@ -188,9 +192,29 @@ class Trainer:
             return None
         state = ckpt.load_checkpoint(self.engine, self.resume_from, self.dist.world_size)
         self.step = self.last_saved = state["step"]
-        self.loader.load_state_dict(state["loader"])
+        if self.data_change is None:
+            self.loader.load_state_dict(state["loader"])
+        else:
+            self._continue_on_new_data()
         log.info("resumed from %s at step %d", self.resume_from, self.step)
         return state["rng"]
+
+    def _continue_on_new_data(self) -> None:
+        """resume_data_change=continue: the step count goes on; the epoch, the schedules and the data position
+        follow from it and the new epoch length (logged)."""
+        cfg, meta = self.cfg, self.resume_meta
+        old_steps_per_epoch, old_epoch, new_epoch = meta["steps_per_epoch"], meta["epoch"], self.epoch_float()
+        (old_lr, old_wd), (new_lr, new_wd) = (self.schedules.group_values(e)["decay"] for e in (old_epoch, new_epoch))
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        self.loader.load_state_dict({"epoch": epoch, "step": in_epoch * cfg.grad_accum})
+        log.warning("continuing on the new data at step %d: an epoch has %d optimiser steps instead of %d (%d steps "
+                    "in the %d epochs instead of %d); step %d is epoch %.4f instead of %.4f, so lr %.4g -> %.4g, weight "
+                    "decay %.4g -> %.4g, teacher momentum %.6f -> %.6f; data order: epoch %d goes on at its batch %d "
+                    "of a new permutation of the %d images (images already seen in this epoch may come again, others "
+                    "not at all)", self.step, self.steps_per_epoch, old_steps_per_epoch,
+                    cfg.epochs * self.steps_per_epoch, cfg.epochs, cfg.epochs * old_steps_per_epoch, self.step,
+                    new_epoch, old_epoch, old_lr, new_lr, old_wd, new_wd, self.schedules.momentum(old_epoch),
+                    self.schedules.momentum(new_epoch), epoch, in_epoch * cfg.grad_accum, self.loader.num_images)
 
     # ------------------------------------------------------------------ pieces
     def epoch_float(self) -> float:

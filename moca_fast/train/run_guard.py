@@ -82,6 +82,7 @@ RUN_FIELD_EFFECTS = {
     "keep_checkpoints": "how many checkpoints are kept", "num_workers": "loader processes (same batches)",
     "compile_blocks": "compilation only", "activation_memory_budget": "recomputation only (same numbers)",
     "cpu_threads": "intra-op threads only",
+    "resume_data_change": "what a resume on other data does",
 }
 
 
@@ -95,6 +96,27 @@ def check_resume_settings(old: dict, new: dict, run_fields: tuple[str, ...]) -> 
                           f"the checkpoint's values or start a new run")
     for k in differ:
         log.info("resuming with %s %r -> %r (%s)", k, old.get(k), new.get(k), RUN_FIELD_EFFECTS.get(k, "allowed"))
+
+
+def check_resume_data(old: dict | None, new: dict, checkpoint: Path, policy: str) -> str | None:
+    """None if the data are the checkpoint's (or it recorded none: logged). Otherwise refuses the resume
+    (ConfigError, one line saying what changed), or with policy "continue" returns what changed."""
+    from moca_fast.data.fingerprint import describe_data_change
+
+    if old is None:
+        log.warning("checkpoint %s records no data identity (written by an older moca_fast): the data cannot be "
+                    "checked against it", checkpoint)
+        return None
+    change = describe_data_change(old, new)
+    if change is None:
+        return None
+    if policy != "continue":
+        raise ConfigError(f"the data changed since checkpoint {checkpoint}: {change}; restore the data, or set "
+                          f"resume_data_change=continue to train on the new data (the epoch length, the schedules "
+                          f"and the data order change)")
+    log.warning("the data changed since checkpoint %s: %s; continuing on the new data (resume_data_change=continue)",
+                checkpoint, change)
+    return change
 
 
 def non_finite_state(engine, device: torch.device) -> str | None:
