@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -77,7 +78,7 @@ def run_main(body: Callable[[ending.Ending], int], known: Callable[[Exception], 
         try:
             return body(end)
         except Exception as error:  # noqa: BLE001 - the edge of the program: one line, never a traceback
-            report = known(error)
+            report = _safely(partial(known, error), None)
             if report is not None:
                 end.report(*report)
                 return report[0]
@@ -85,9 +86,15 @@ def run_main(body: Callable[[ending.Ending], int], known: Callable[[Exception], 
             peer = end.peer_cause()
             if peer is not None:
                 end.end_for_peer(peer)
-            try:
-                extra = context()
-            except Exception:  # noqa: BLE001 - the context is a courtesy; the error is what matters
-                extra = ""
-            end.report(EXIT_ERROR, unexpected_error_line(error, folder(), extra), every_rank=True)
+            line = unexpected_error_line(error, _safely(folder, None), _safely(context, ""))
+            end.report(EXIT_ERROR, line, every_rank=True)
             return EXIT_ERROR
+
+
+def _safely(compute, fallback):
+    """compute(), or `fallback` if it raises: what reports an error must not raise (say, the import that failed
+    is needed to classify it)."""
+    try:
+        return compute()
+    except Exception:  # noqa: BLE001
+        return fallback

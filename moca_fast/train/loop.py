@@ -302,6 +302,7 @@ class Trainer:
             end.immediate(f"during the final k-NN evaluation: training is done and step {self.step} is saved")
             result.update(self._final_eval())
         end.finishing()
+        barrier()  # no rank's watcher reads rank 0's store after rank 0 has ended
         return result
 
     def _epoch(self, run_log: RunLog, totals: LossTotals, stop: StopSignal, interval: dict, end: ending.Ending) -> bool:
