@@ -281,7 +281,7 @@ class Trainer:
             random_init = self.knn_accuracy()
             log.info("k-NN of the random-init teacher: top-1 %.2f %%", random_init["top1"])
             if self.dist.is_main:
-                (self.output / "knn_random_init.json").write_text(json.dumps(random_init, indent=1))
+                ckpt.write_atomic(self.output / "knn_random_init.json", json.dumps(random_init, indent=1))
         if rng is not None:
             ckpt.restore_rng(rng)
         run_log = RunLog(self.output, self.dist.is_main, self.total_steps, self.step)
@@ -359,7 +359,7 @@ class Trainer:
                   "step": self.step, "k": final["k"], "temperature": final["temperature"],
                   "train_images": final["train_images"], "val_images": final["val_images"]}
         if self.dist.is_main:
-            (self.output / "eval.json").write_text(json.dumps(result, indent=1))
+            ckpt.write_atomic(self.output / "eval.json", json.dumps(result, indent=1))
         return result
 
 
