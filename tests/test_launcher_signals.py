@@ -86,8 +86,8 @@ def _saved_step(output: Path, world_size: int = 2) -> int:
 def _frames_of_ours(log: str) -> list[str]:
     """Traceback lines that point into moca_fast or its scripts (DeepSpeed's `deepspeed` command prints its
     own KeyboardInterrupt traceback on Ctrl-C: that one is not ours to fix)."""
-    return [line for line in log.splitlines() if line.strip().startswith("File \"")
-            and any(mark in line for mark in ("moca_fast", "launch/train.py", "fault_launch.py"))]
+    ours = [f'File "{REPO / part}' for part in ("moca_fast", "launch", "tests")]  # lines may start "[rank0]:"
+    return [line for line in log.splitlines() if any(frame in line for frame in ours)]
 
 
 def _sigterm_to_the_command(run: subprocess.Popen) -> None:
