@@ -8,7 +8,7 @@ import pytest
 
 from moca_fast.config import ConfigError
 from jpeg_folder import write_class_folders
-from test_safety import _cfg, _train, one_process_group  # noqa: F401 (a fixture)
+from test_safety import _cfg, _train
 
 PATHS = ["a/1.jpg", "a/2.jpg", "b/1.jpg"]
 
