@@ -10,24 +10,26 @@ Settings, later wins: preset (--preset, else the `preset:` key of --config; defa
 demo when neither --data nor a preset/config is given) < --config YAML < the flags below < key=value
 overrides of any moca_fast.config.Config field (e.g. blr=1e-4 zero_stage=1 precision=fp32).
 --deepspeed_config JSON: merged over the generated DeepSpeed config (precedence in moca_fast/train/engine.py).
-Exit status: 0 done or stopped by SIGTERM/SIGINT (checkpoint saved), 1 any other error (one line; the
-traceback in <output>/error_rankN.log), 2 bad setting, 3 non-finite loss/weights/gradient norm, 4 disk full.
+SIGTERM, SIGINT or SIGHUP (to a rank, the launcher or its process group) stop the run from the first line of
+main: in the training loop at the next step, saving it; elsewhere at once (moca_fast/ending.py).
+Exit status: 0 done, or stopped in the training loop with the step reached saved; 1 any other error (one line;
+the traceback in <output>/error_rankN.log, or a temporary file the line names before the output folder exists);
+2 bad setting; 3 non-finite loss/weights/gradient norm; 4 disk full; 128+N stopped by signal N where there was
+nothing (more) to save, e.g. before step 1 (129 also when the launcher went away).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moca_fast.config import ConfigError, load_config, parse_kv  # noqa: E402
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moca_fast.entry import OneLineParser
+
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of Config fields (may name its base with `preset: NAME`)")
     p.add_argument("--preset", help="vit_base_dec2, vit_large_dec2, vit_small_dec2, tiny or demo")
     p.add_argument("--data", help="image folder: class sub-folders (ImageNet train layout) or flat")
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
+    from moca_fast.config import load_config, parse_kv
+
     preset = args.preset
     if preset is None and args.config is None and args.data is None:
         preset = "demo"
@@ -70,70 +74,63 @@ def fresh_output(path: str) -> str:
     return candidate
 
 
-def _unexpected(error: BaseException, output: str | None) -> int:
-    """Any other error: one line naming the rank and the last complete checkpoint, the traceback in
-    <output>/error_rankN.log (on the console if that cannot be written)."""
+def known_error(error: Exception, output: str | None) -> tuple[int, str] | None:
+    """(exit status, line) of the errors every rank has alike (moca_fast.train.run_guard's statuses)."""
+    from moca_fast.config import ConfigError
     from moca_fast.train.checkpoint import last_complete
-    from moca_fast.train.run_guard import EXIT_DISK_FULL, EXIT_ERROR, disk_full, mount_point
+    from moca_fast.train.run_guard import (EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError,
+                                           disk_full, mount_point)
+    from moca_fast.train.step import NonFiniteLossError
 
-    rank = os.environ.get("RANK", "0")
+    if isinstance(error, ConfigError):
+        return EXIT_BAD_SETTING, f"error: {error}"
+    if isinstance(error, NonFiniteLossError):
+        return EXIT_NON_FINITE, f"error: {error}; only checkpoints with finite weights are kept"
+    if isinstance(error, DiskFullError):
+        return EXIT_DISK_FULL, f"error: {error}"
     where = Path(output or ".")
     if disk_full(error, where):
         written = getattr(error, "filename", None) or where
-        print(f"error: no space left on {mount_point(where)} writing {written}; {last_complete(where)}",
-              file=sys.stderr)
-        return EXIT_DISK_FULL
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    trace = "".join(traceback.format_exception(error))
-    try:
-        log_file = where / f"error_rank{rank}.log"
-        with open(log_file, "a") as f:
-            f.write(trace)
-        kept = f"traceback in {log_file}"
-    except OSError:
-        print(trace, file=sys.stderr)
-        kept = "traceback above"
-    print(f"error: rank {rank}: {type(error).__name__}: {first}; {last_complete(where)} ({kept})", file=sys.stderr)
-    return EXIT_ERROR
+        return EXIT_DISK_FULL, f"error: no space left on {mount_point(where)} writing {written}; {last_complete(where)}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from moca_fast.train.run_guard import EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError
-    from moca_fast.train.step import NonFiniteLossError
+    from moca_fast.entry import run_main  # stops are handled and errors are one line from here
 
-    cfg = None
-    try:
+    run = {"output": None}
+
+    def train(end) -> int:
+        args = parse_args(argv)
+        run["output"] = args.output
         cfg = resolve_config(args)
+        run["output"] = cfg.output
         from moca_fast.train.loop import Trainer
 
         trainer = Trainer(cfg, args.resume, args.deepspeed_config)
         result = trainer.train()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except NonFiniteLossError as e:
-        print(f"error: {e}; only checkpoints with finite weights are kept", file=sys.stderr)
-        return EXIT_NON_FINITE
-    except DiskFullError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DISK_FULL
-    except Exception as e:  # noqa: BLE001 - the edge of the program: one line, not a traceback
-        return _unexpected(e, cfg.output if cfg is not None else args.output)
-    if trainer.dist.is_main:
-        if result["skipped_steps"]:
-            print(f"note: DeepSpeed skipped {result['skipped_steps']} optimiser step(s) on gradient overflow")
-        if result["stopped_by_signal"]:
-            print(f"stopped at step {result['step']}; checkpoint saved, continue with --resume auto")
-        elif "knn_top1" in result:
-            print(f"k-NN top-1 of the teacher (k={result['k']}, {result['val_images']} held-out images): "
-                  f"{result['knn_top1']:.2f} % after training, {result['knn_top1_random_init'] or float('nan'):.2f} % "
-                  f"at random init  ->  {cfg.output}/eval.json")
-    import torch.distributed as dist
+        if trainer.dist.is_main:
+            if result["skipped_steps"]:
+                print(f"note: DeepSpeed skipped {result['skipped_steps']} optimiser step(s) on gradient overflow")
+            if result["stopped_by_signal"]:
+                print(f"stopped at step {result['step']}; checkpoint saved, continue with --resume auto")
+            elif "knn_top1" in result:
+                print(f"k-NN top-1 of the teacher (k={result['k']}, {result['val_images']} held-out images): "
+                      f"{result['knn_top1']:.2f} % after training, "
+                      f"{result['knn_top1_random_init'] or float('nan'):.2f} % at random init  ->  {cfg.output}/eval.json")
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
+
+    def last_complete() -> str:
+        from moca_fast.train.checkpoint import last_complete
+
+        return last_complete(run["output"] or ".")
+
+    return run_main(train, known=lambda e: known_error(e, run["output"]), folder=lambda: run["output"],
+                    context=last_complete)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class Config:
     knn_train: str | None = None  # labelled folders (class sub-folders) for k-NN; None: none (the demo's own)
     knn_val: str | None = None
     keep_checkpoints: int = 2
+    # a resume on data other than the checkpoint's: "refuse" (one line saying what changed) or "continue" (train
+    # on the new data; the run logs how the epoch length, the schedules and the data order change)
+    resume_data_change: str = "refuse"
     cpu_threads: int = 0  # torch intra-op threads per rank; 0: the cores left by the loader's workers and the other ranks
 
     # ------------------------------------------------------------------
@@ -179,6 +182,8 @@ class Config:
             fail(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
         if self.zero_stage not in (0, 1, 2):
             fail(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.resume_data_change not in ("refuse", "continue"):
+            fail(f"resume_data_change={self.resume_data_change!r} must be 'refuse' or 'continue'")
         if self.img_weight + self.loc_weight == 0:
             fail("img_weight and loc_weight are both 0: nothing would be trained")
         if (self.knn_train is None) != (self.knn_val is None):

@@ -1,15 +1,21 @@
-"""SIGTERM under the deepspeed launcher, as a cluster scheduler sends it, and two launchers as two nodes.
+"""Stop signals under the deepspeed launcher, as a cluster scheduler or a terminal sends them, and two launchers
+as two nodes.
 
-- to the `deepspeed` command alone (it dies and leaves launch.py and the ranks running): the ranks see
-  their launcher gone, save the step reached and exit;
-- to the launcher's whole process group (each rank and its DataLoader worker get it, then launch.py
-  forwards a second one and SIGKILLs after 30 s): the ranks save the step reached and exit;
+- after step 1, SIGTERM to the `deepspeed` command alone (it dies and leaves launch.py and the ranks running):
+  the ranks see their launcher gone, save the step reached and exit; SIGHUP to the whole process group (a
+  closed terminal: the launchers die of it); two SIGINTs 20 ms apart to the group (Ctrl-C twice; launch.py
+  forwards SIGTERM and SIGKILLs after 30 s): each run saves the step reached, the second SIGINT is logged;
+- before step 1 (a slow data scan on rank 0 while rank 1 waits in a collective; a slow DeepSpeed start-up):
+  SIGTERM to the command or Ctrl-C end every rank within seconds, with one line saying nothing was saved;
+- a rank that dies inside DeepSpeed's save_checkpoint (it raises, or is SIGKILLed): the others end within
+  seconds, with one line, and the previous checkpoint stays the latest;
 - two `deepspeed --no_ssh --num_nodes 2 --node_rank 0|1` on 127.0.0.1, one rank each (RANK 0 and 1, both
   LOCAL_RANK 0) writing one shared folder: a SIGTERM to node 1's launcher stops both nodes at the same
   step, and the resumed run is bit-identical to an uninterrupted one.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,22 +28,31 @@ from free_port import free_port
 from test_train_e2e import LAUNCH, REPO, TINY_RUN, _assert_identical, _deepspeed_cli, _env, _load, _metrics
 
 FOREVER = ["--max-steps", "100000", "epochs=1000"]
+FAULT_LAUNCH = str(REPO / "tests" / "fault_launch.py")
 
 
-def _launch(launcher_args: list[str], args: list[str], log: Path) -> subprocess.Popen:
+def _launch(launcher_args: list[str], args: list[str], log: Path, script: str = LAUNCH,
+            env: dict | None = None) -> subprocess.Popen:
     """The deepspeed launcher in a process group (session) of its own, as a scheduler starts it; a key=value of
     `args` replaces TINY_RUN's (a setting given twice is refused)."""
     given = {arg.split("=", 1)[0] for arg in args if "=" in arg and not arg.startswith("-")}
     tiny = [arg for arg in TINY_RUN if arg.split("=", 1)[0] not in given]
-    cmd = _deepspeed_cli() + launcher_args + [LAUNCH] + tiny + args
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = _deepspeed_cli() + launcher_args + [script] + tiny + args
+    return subprocess.Popen(cmd, cwd=REPO, env={**_env(), **(env or {})}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for_step(output: Path, step: int, logs: list[Path], timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not ((output / "metrics.jsonl").is_file() and _metrics(output) and _metrics(output)[-1]["step"] >= step):
         assert time.time() < deadline, "\n".join(log.read_text()[-2000:] for log in logs)
+        time.sleep(0.2)
+
+
+def _wait_for_text(run: subprocess.Popen, log: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert time.time() < deadline and run.poll() is None, f"{text!r} not seen:\n" + log.read_text()[-3000:]
         time.sleep(0.2)
 
 
@@ -71,30 +86,90 @@ def _saved_step(output: Path, world_size: int = 2) -> int:
     return step
 
 
-def test_sigterm_to_the_launcher_or_its_process_group_saves_the_step_reached(tmp_path):
+def _frames_of_ours(log: str) -> list[str]:
+    """Traceback lines that point into moca_fast or its scripts (DeepSpeed's `deepspeed` command prints its
+    own KeyboardInterrupt traceback on Ctrl-C: that one is not ours to fix)."""
+    ours = [f'File "{REPO / part}' for part in ("moca_fast", "launch", "tests")]  # lines may start "[rank0]:"
+    return [line for line in log.splitlines() if any(frame in line for frame in ours)]
+
+
+def _sigterm_to_the_command(run: subprocess.Popen) -> None:
+    run.send_signal(signal.SIGTERM)  # the `deepspeed` command only: it dies, launch.py and the ranks stay
+
+
+def _sighup_to_the_group(run: subprocess.Popen) -> None:
+    os.killpg(run.pid, signal.SIGHUP)  # a closed terminal: both launchers die of it, the ranks and workers get it
+
+
+def _ctrl_c_twice(run: subprocess.Popen) -> None:
+    os.killpg(run.pid, signal.SIGINT)  # the whole group: runner, launch.py (which forwards SIGTERM), ranks, workers
+    time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGINT)
+
+
+def test_sigterm_sighup_and_two_quick_ctrl_c_after_step_1_each_save_the_step_reached(tmp_path):
     jpegs = write_class_folders(tmp_path / "jpegs", per_class=12, classes=2)
     out = tmp_path / "run"
-    two_ranks = ["--num_gpus", "2", "--master_port", str(free_port())]
     data = ["--data", str(jpegs), "--output", str(out), "num_workers=1"] + FOREVER
+    stopped, logs = 0, []
+    for phase, stop in enumerate((_sigterm_to_the_command, _sighup_to_the_group, _ctrl_c_twice)):
+        logs.append(tmp_path / f"{stop.__name__}.log")
+        run = _launch(["--num_gpus", "2", "--master_port", str(free_port())],
+                      data + (["--resume", "auto"] if phase else []), logs[-1])
+        _wait_for_step(out, stopped + 2, logs[-1:])
+        stop(run)
+        _wait_until_gone([run], logs[-1:])
+        log, final = logs[-1].read_text(), _saved_step(out)
+        assert final == _metrics(out)[-1]["step"] >= stopped + 2, stop.__name__
+        assert [r["step"] for r in _metrics(out)] == list(range(1, final + 1))
+        assert f"stopped at step {final}; checkpoint saved" in log, log[-3000:]
+        assert not _frames_of_ours(log), log[-3000:]
+        if phase:
+            assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
+        stopped = final
+    assert "the launcher deepspeed" in logs[0].read_text()
+    assert "received SIGHUP: saving a checkpoint and stopping" in logs[1].read_text()
+    assert "received SIGINT again: the checkpoint of the step reached is written first" in logs[2].read_text()
 
-    first = _launch(two_ranks, data, tmp_path / "a.log")
-    _wait_for_step(out, 2, [tmp_path / "a.log"])
-    first.send_signal(signal.SIGTERM)  # the `deepspeed` command only: it dies, launch.py and the ranks stay
-    _wait_until_gone([first], [tmp_path / "a.log"])
-    stopped = _saved_step(out)
-    assert stopped == _metrics(out)[-1]["step"] >= 2
-    assert "the launcher deepspeed" in (tmp_path / "a.log").read_text()
 
-    two_ranks[-1] = str(free_port())
-    second = _launch(two_ranks, data + ["--resume", "auto"], tmp_path / "b.log")
-    _wait_for_step(out, stopped + 2, [tmp_path / "b.log"])
-    os.killpg(second.pid, signal.SIGTERM)  # the whole group: runner, launch.py, ranks, their workers
-    _wait_until_gone([second], [tmp_path / "b.log"])
-    log = (tmp_path / "b.log").read_text()
-    final = _saved_step(out)
-    assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
-    assert [r["step"] for r in _metrics(out)] == list(range(1, final + 1)) and final > stopped + 1
-    assert f"stopped at step {final}; checkpoint saved" in log, log[-3000:]
+@pytest.mark.parametrize("fault, ranks, stop", [("slow_storage", 2, _sigterm_to_the_command),
+                                                ("slow_init", 1, _ctrl_c_twice)])
+def test_a_stop_before_step_1_ends_every_rank_at_once_with_one_line(tmp_path, fault, ranks, stop):
+    jpegs = write_class_folders(tmp_path / "jpegs", per_class=12, classes=2)  # new: the scan decodes every file
+    out, log = tmp_path / "run", tmp_path / "log"
+    run = _launch(["--num_gpus", str(ranks), "--master_port", str(free_port())],
+                  ["--data", str(jpegs), "--output", str(out), f"num_new_words={2 * ranks}"] + FOREVER, log,
+                  FAULT_LAUNCH, {"MOCA_TEST_FAULT": fault})
+    _wait_for_text(run, log, "fault: ")  # rank 0 scans (rank 1 waits in a collective), or DeepSpeed starts up
+    stop(run)
+    _wait_until_gone([run], [log], timeout=60)
+    text = log.read_text()
+    said = [line for line in text.splitlines() if line.startswith("stopped by")]
+    assert len(said) == 1 and said[0].endswith(" before step 1: nothing to save"), text[-3000:]
+    assert not _frames_of_ours(text) and "error:" not in text, text[-3000:]
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("fault", ["save_raises", "save_killed"])
+def test_a_rank_dying_inside_save_checkpoint_ends_the_others_with_one_line(tmp_path, fault):
+    from moca_fast.train import checkpoint as ckpt
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    run = _launch(["--num_gpus", "2", "--master_port", str(free_port())],
+                  ["--data-backend", "synthetic", "--output", str(out), "ckpt_every=1"] + FOREVER, log, FAULT_LAUNCH,
+                  {"MOCA_TEST_FAULT": f"{fault}:1:2"})  # rank 1, in the checkpoint of step 2
+    _wait_for_text(run, log, "fault: save")
+    _wait_until_gone([run], [log], timeout=60)
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error")]
+    expected = {"save_raises": re.escape("error: rank 1: PermissionError: [Errno 13] Permission denied: "
+                                         "'zero_pp_rank_1_mp_rank_00_optim_states.pt'; step 1 is the last complete "
+                                         f"checkpoint (traceback in {out / 'error_rank1.log'})"),
+                "save_killed": r"error: rank 0: rank 1 \(pid \d+\) of this node ended without a word \(killed\?\) "
+                               r"during the training loop; step 1 is the last complete checkpoint"}[fault]
+    assert len(errors) == 1 and re.fullmatch(expected, errors[0]), text[-3000:]
+    assert not _frames_of_ours(text)
+    assert ckpt.resolve_resume("auto", out).name == "step_00000001"
 
 
 def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
@@ -146,20 +221,25 @@ def _agreement_rank(rank: int, port: int, results) -> None:
     import torch
     import torch.distributed as dist
 
+    from moca_fast import ending
+    from moca_fast.peers import launcher_processes
     from moca_fast.train.engine import DistInfo
-    from moca_fast.train.stop import StopSignal, launcher_processes
+    from moca_fast.train.stop import StopSignal
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    stop = StopSignal(DistInfo(rank, 2, 0, torch.device("cpu")))
-    agreed_at = None
-    for step in range(1, 10):
-        if rank == 1 and step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's forwarded copy: ignored, the rank lives on
-        if stop.agreed():
-            agreed_at = step
-            break
-    stop.restore()
+    with ending.installed() as end:
+        stop = StopSignal(DistInfo(rank, 2, 0, torch.device("cpu")), end)
+        end.deferred(lambda: "nothing saved")
+        agreed_at = None
+        for step in range(1, 10):
+            if rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # a launcher's forwarded copy: logged, the rank lives on
+            if stop.agreed():
+                agreed_at = step
+                break
+        stop.close()
+        end.finishing()
     results[rank] = (agreed_at, launcher_processes())
     dist.destroy_process_group()
 

@@ -15,24 +15,9 @@ import torch
 from moca_fast.config import ConfigError, load_config
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.safe_load import CheckpointLoadError
-from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    """A one-rank process group for this module only (the variables it needs are restored after)."""
-    import torch.distributed as dist
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(free_port())).items():
-            mp.setenv(key, value)
-        yield
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _cfg(output, **overrides):

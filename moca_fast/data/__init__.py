@@ -29,6 +29,7 @@ class TwoViewLoader(Protocol):
     backend: str
     num_images: int
     skipped: list[tuple[str, str]]
+    identity: dict  # what identifies the data (moca_fast.data.fingerprint), set by build_train_loader
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def __len__(self) -> int: ...
@@ -89,15 +90,28 @@ def data_root(cfg) -> str:
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device="cpu") -> TwoViewLoader:
-    """The two-view training loader of cfg.data_backend for this rank (see the module docstring)."""
+    """The two-view training loader of cfg.data_backend for this rank (see the module docstring), with the
+    identity of its data (computed on rank 0)."""
+    from moca_fast.data.fingerprint import image_list_identity, synthetic_identity
+    from moca_fast.distributed import on_rank0
+
     device = torch.device(device)
     cfg.validate_data()
     backend = select_backend(cfg.data_backend, device, rank)
     if backend == "synthetic":
         from moca_fast.data.synthetic import SyntheticTwoViewLoader
 
-        return SyntheticTwoViewLoader(cfg, rank, world_size, device)
+        loader = SyntheticTwoViewLoader(cfg, rank, world_size, device)
+        loader.identity = synthetic_identity(loader.num_images)
+        return loader
     images = scan_on_rank0(data_root(cfg), cfg.bad_files)
+    identity = on_rank0(lambda: image_list_identity(images))
+    loader = _image_loader(backend, images, cfg, rank, world_size, device)
+    loader.identity = identity
+    return loader
+
+
+def _image_loader(backend: str, images: ImageList, cfg, rank: int, world_size: int, device) -> TwoViewLoader:
     if backend == "dali":
         from moca_fast.data.dali import DaliTwoViewLoader
 

@@ -30,6 +30,7 @@ from moca_fast.data.scan import open_rgb, printable
 from moca_fast.data.scan_pool import die_with_parent
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
 from moca_fast.data.transforms import EvalTransform, Normalizer, TwoViewTransform
+from moca_fast.ending import STOP_SIGNALS
 
 log = logging.getLogger("moca_fast.data")
 
@@ -89,17 +90,18 @@ class ShardBatchSampler:
 
 
 class _WorkerInit:
-    """A worker outlives SIGTERM / SIGINT sent to the process group: the rank saves its checkpoint first,
-    then shuts its workers down (a worker killed under it would end the rank with an error instead).
-    It dies with the rank (SIGKILL when the parent dies, however that happens)."""
+    """A worker outlives SIGTERM / SIGINT / SIGHUP sent to the process group: the rank decides (it saves its
+    checkpoint, then shuts its workers down, or it ends at once and kills them, moca_fast.ending); a worker
+    killed under it would end the rank with an error instead. It dies with the rank (SIGKILL when the parent
+    dies, however that happens)."""
 
     def __init__(self):
         self.parent = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
         gc.freeze()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
         die_with_parent(self.parent)
 
 

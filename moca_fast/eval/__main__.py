@@ -11,7 +11,12 @@ PROTOCOLS = {"knn": "k-NN sweep", "linear": "linear probe", "lowshot": "low-shot
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from moca_fast.entry import run_main  # stops are handled and errors are one line from here
+
+    return run_main(lambda end: _main(sys.argv[1:] if argv is None else argv), known=lambda error: None)
+
+
+def _main(argv: list[str]) -> int:
     protocol = choose(argv, __doc__, PROTOCOLS, "protocol")
     if isinstance(protocol, int):
         return protocol

@@ -22,20 +22,11 @@ import torch.distributed as dist
 
 from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
+from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, first_line, run_main
 from moca_fast.eval.data import Splits, load_splits, split_roots
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
 from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
-
-EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) with exit status 2."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def parser(protocol: str, doc: str, prog: str | None = None) -> OneLineParser:
@@ -93,14 +84,23 @@ class Session:
 
 
 def run(protocol: str, main, argv: list[str] | None) -> int:
-    """Parses nothing itself: calls main(argv) -> (result dict, summary line) and reports it; errors -> 2."""
+    """Parses nothing itself: calls main(argv) -> (output, result dict, summary line) and reports it. Stops and
+    errors end as one line (moca_fast.entry): a bad setting or input with status 2."""
+    return run_main(lambda end: _run(protocol, main, argv, end), known=_known_error)
+
+
+def _known_error(error: Exception) -> tuple[int, str] | None:
+    if isinstance(error, (ConfigError, CheckpointError)):
+        return EXIT_BAD_INPUT, f"error: {first_line(error)}"
+    return None
+
+
+def _run(protocol: str, main, argv: list[str] | None, end) -> int:
+    end.immediate("before the evaluation finished: no result is written (fine-tuning keeps the epochs it saved)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     had_group = dist.is_initialized()
     try:
         output, result, summary = main(argv)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     finally:
         if dist.is_initialized() and not had_group:  # only the group this command started (Session)
             dist.destroy_process_group()

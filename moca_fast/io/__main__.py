@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 from moca_fast.config import PRESETS, check_preset_agrees, parse_kv
-from moca_fast.io.native import is_native, load_model, save_model
-from moca_fast.io.official import load_official, read_checkpoint
-from moca_fast.io.timm_export import export_teacher_timm
 from moca_fast.output_files import check_output_file
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moca_fast.io", description=__doc__,
+    from moca_fast.entry import OneLineParser
+
+    parser = OneLineParser(prog="python -m moca_fast.io", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str, preset: str | None, overrides: dict):
     """The model of an official checkpoint (with preset and overrides), a model file or a run / checkpoint
     folder (which record their own config: a preset must agree with it, overrides are refused)."""
+    from moca_fast.io.native import is_native, load_model
+    from moca_fast.io.official import load_official, read_checkpoint
+
     if Path(path).is_dir() or is_native(read_checkpoint(path)):
         if overrides:
             raise ValueError(f"--set {' '.join(overrides)}: {path} records its own config; --set applies only to "
@@ -75,28 +77,40 @@ def _written(out: str, write):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moca_fast.entry import EXIT_BAD_INPUT, first_line, run_main  # stops handled, errors one line from here
+
+    def known(error: Exception) -> tuple[int, str] | None:
+        if isinstance(error, (ValueError, OSError)):
+            return EXIT_BAD_INPUT, f"error: {first_line(error)}"
+        return None
+
+    return run_main(lambda end: _main(argv, end), known=known)
+
+
+def _main(argv: list[str] | None, end) -> int:
+    end.immediate("before the command finished")
     args = _parser().parse_args(argv)
-    try:
+    from moca_fast.io.native import save_model
+    from moca_fast.io.official import load_official
+    from moca_fast.io.timm_export import export_teacher_timm
+
+    if args.out:
+        check_output_file(args.out, "--out")
+    overrides = parse_kv(args.set)
+    if args.command == "import":
+        model = load_official(args.checkpoint, args.preset, **overrides)
+        cb = model.codebook
+        print(f"loaded {args.checkpoint}: preset {args.preset}, {len(model.state_dict())} tensors, "
+              f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
+              f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
         if args.out:
-            check_output_file(args.out, "--out")
-        overrides = parse_kv(args.set)
-        if args.command == "import":
-            model = load_official(args.checkpoint, args.preset, **overrides)
-            cb = model.codebook
-            print(f"loaded {args.checkpoint}: preset {args.preset}, {len(model.state_dict())} tensors, "
-                  f"codebook {tuple(cb.words.shape)} ptr={int(cb.ptr)} dist_norm={float(cb.dist_norm):.6g} "
-                  f"dist_norm_prev={float(cb.dist_norm_prev):.6g}")
-            if args.out:
-                _written(args.out, lambda: save_model(model, args.out))
-                print(f"wrote {args.out}")
-        else:
-            model = _load(args.source, args.preset, overrides)
-            name, kwargs = _written(args.out, lambda: export_teacher_timm(model, args.out))
-            call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
-            print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
-    except (ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+            _written(args.out, lambda: save_model(model, args.out))
+            print(f"wrote {args.out}")
+    else:
+        model = _load(args.source, args.preset, overrides)
+        name, kwargs = _written(args.out, lambda: export_teacher_timm(model, args.out))
+        call = ", ".join([repr(name), "pretrained=False"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        print(f"wrote {args.out}; load with timm.create_model({call}) and strict=True")
     return 0
 
 

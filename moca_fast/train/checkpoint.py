@@ -77,7 +77,9 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file, fsync and rename: a reader (or a resume after a stop in the
+    middle) finds the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -138,7 +140,7 @@ def _publish(root: Path, tmp: Path, final: Path, name: str, meta: dict, keep: in
         shutil.rmtree(stale)
     os.rename(tmp, final)
     _fsync_path(root)
-    _write_atomic(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, name + "\n")
     _prune(root, keep, name)
 
 

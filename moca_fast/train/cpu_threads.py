@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger("moca_fast.train")
+from moca_fast.peers import RANKS_PER_NODE_VARIABLES
 
-#: the variables launchers set to the number of ranks started on this node (torchrun, deepspeed)
-RANKS_PER_NODE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+log = logging.getLogger("moca_fast.train")
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,28 @@ def init_distributed() -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise ConfigError(f"the master port {os.environ['MASTER_PORT']} of {os.environ['MASTER_ADDR']} is in use "
+                              f"(another run or program); choose a free one with {_master_port_setting()}") from None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _master_port_setting() -> str:
+    """How the user sets the master port under the launcher that started this process."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read()
+    except OSError:
+        parent = b""
+    if b"deepspeed.launcher.launch" in parent:
+        return "`deepspeed --master_port PORT ...`"
+    if b"torch.distributed.run" in parent or b"torchrun" in parent:
+        return "`torchrun --master-port PORT ...`"
+    return "MASTER_PORT=PORT in the environment"
 
 
 def barrier() -> None:

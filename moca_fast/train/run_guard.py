@@ -1,12 +1,14 @@
-"""What keeps a run from being lost or silently wrong: the run-folder lock, the settings a resume
-may not change, the finiteness check before a checkpoint, disk-full errors, and the exit statuses.
+"""What keeps a run from being lost or silently wrong: the run-folder lock, the settings and the data a
+resume may not change, the finiteness check before a checkpoint, disk-full errors, and the exit statuses.
 
 Exit statuses of launch/train.py (README "What is guaranteed"):
-  0 done, or stopped by SIGTERM/SIGINT with a checkpoint saved
-  1 any other error (a rank that died, a failed collective, a bug): one line, traceback in the run log
+  0 done, or stopped by SIGTERM/SIGINT/SIGHUP in the training loop with the step reached saved
+  1 any other error (a rank that died, a failed collective, a bug): one line, traceback in a file it names
   2 a bad setting or input (ConfigError): one line naming it
   3 non-finite loss, weights or gradient norm: no checkpoint of that state is written
   4 no space left while writing a checkpoint: the partial folder is removed
+  128+N stopped by signal N where there was nothing (more) to save: before step 1, or between a saved
+    checkpoint and the next step (129 also when the launcher went away); the line names what is saved
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ RUN_FIELD_EFFECTS = {
     "keep_checkpoints": "how many checkpoints are kept", "num_workers": "loader processes (same batches)",
     "compile_blocks": "compilation only", "activation_memory_budget": "recomputation only (same numbers)",
     "cpu_threads": "intra-op threads only",
+    "resume_data_change": "what a resume on other data does",
 }
 
 
@@ -93,6 +96,27 @@ def check_resume_settings(old: dict, new: dict, run_fields: tuple[str, ...]) -> 
                           f"the checkpoint's values or start a new run")
     for k in differ:
         log.info("resuming with %s %r -> %r (%s)", k, old.get(k), new.get(k), RUN_FIELD_EFFECTS.get(k, "allowed"))
+
+
+def check_resume_data(old: dict | None, new: dict, checkpoint: Path, policy: str) -> str | None:
+    """None if the data are the checkpoint's (or it recorded none: logged). Otherwise refuses the resume
+    (ConfigError, one line saying what changed), or with policy "continue" returns what changed."""
+    from moca_fast.data.fingerprint import describe_data_change
+
+    if old is None:
+        log.warning("checkpoint %s records no data identity (written by an older moca_fast): the data cannot be "
+                    "checked against it", checkpoint)
+        return None
+    change = describe_data_change(old, new)
+    if change is None:
+        return None
+    if policy != "continue":
+        raise ConfigError(f"the data changed since checkpoint {checkpoint}: {change}; restore the data, or set "
+                          f"resume_data_change=continue to train on the new data (the epoch length, the schedules "
+                          f"and the data order change)")
+    log.warning("the data changed since checkpoint %s: %s; continuing on the new data (resume_data_change=continue)",
+                checkpoint, change)
+    return change
 
 
 def non_finite_state(engine, device: torch.device) -> str | None:
