@@ -4,14 +4,13 @@ The identity of a data set is its number of images, its images per class, and BL
 file list: one of the whole (relative path, label) sequence in training order, which fixes every epoch's
 data order, and one of each class's relative paths, which says which classes changed. It is computed from
 relative paths, so a data folder moved elsewhere keeps its identity. Its cost at ImageNet size, on rank 0
-only, before step 1: `python -m moca_fast.data.fingerprint` times it on 1,281,167 synthetic ImageNet-style
-paths in 1,000 classes (`n01440764/n01440764_10026.JPEG`): 0.5-0.7 s of CPU on this project's 2-core
-machine (2026-12-06), 82 kB in each checkpoint's meta.json.
+only, before step 1: `python -m moca_fast.data.fingerprint` times it on a synthetic ImageNet-style ImageList
+of 1,281,167 paths in 1,000 classes: 0.85 s of CPU on this project's 2-core machine (2026-12-06), 82 kB in
+each checkpoint's meta.json.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from typing import Sequence
@@ -35,6 +34,7 @@ def file_list_fingerprint(relative_paths: Sequence[str], labels: Sequence[int] |
 
 def data_identity(relative_paths: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> dict:
     """{"images", "fingerprint", "classes": {name: {"images", "fingerprint"}}} of a labelled file list."""
+    relative_paths = list(relative_paths)  # one pass over a PathTable, not one decode per index
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     by_class = np.argsort(labels, kind="stable")
@@ -49,8 +49,7 @@ def data_identity(relative_paths: Sequence[str], labels: Sequence[int], classes:
 
 def image_list_identity(images) -> dict:
     """data_identity of a scanned ImageList (its files relative to its root)."""
-    prefix = len(os.path.join(images.root, ""))
-    return data_identity([path[prefix:] for path in images.files], images.labels, images.classes)
+    return data_identity(images.relpaths, images.labels, images.classes)
 
 
 def synthetic_identity(num_images: int) -> dict:
@@ -86,14 +85,10 @@ def describe_data_change(old: dict, new: dict) -> str | None:
 
 
 def _time_at_imagenet_size(num_images: int = 1_281_167, num_classes: int = 1000) -> None:
-    """Prints the cost of image_list_identity on synthetic ImageNet-style absolute paths (no files needed)."""
-    from types import SimpleNamespace
+    """Prints the cost of image_list_identity on a synthetic ImageNet-style ImageList (no files needed)."""
+    from moca_fast.data.image_list import synthetic_image_list
 
-    classes = [f"n{1440764 + k:08d}" for k in range(num_classes)]
-    labels = (np.arange(num_images) * num_classes // num_images).tolist()
-    root = "/data/imagenet/train"
-    images = SimpleNamespace(root=root, labels=labels, classes=classes,
-                             files=[f"{root}/{classes[k]}/{classes[k]}_{i}.JPEG" for i, k in enumerate(labels)])
+    images = synthetic_image_list(num_images, num_classes)
     for _ in range(3):
         cpu, wall = time.process_time(), time.perf_counter()
         identity = image_list_identity(images)
