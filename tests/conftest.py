@@ -20,3 +20,4 @@ def one_process_group():
                                MASTER_PORT=str(free_port())).items():
             mp.setenv(key, value)
         yield
+

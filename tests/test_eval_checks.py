@@ -6,13 +6,13 @@ line each with exit status 2."""
 import errno
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from eval_data import make_eval_data, make_run, tiny_model
+from tmpfs import mounted_tmpfs
 from moca_fast.eval import cli, knn, lowshot
 from moca_fast.io import export_teacher_timm
 from moca_fast.io.__main__ import main as io_main
@@ -44,13 +44,9 @@ def no_work(monkeypatch):
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (the other unwritable outputs are tested above)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m",
+                       "mounting a read-only tmpfs needs root (the other unwritable outputs are tested above)") as mount:
+        yield mount
 
 
 def test_an_output_folder_or_a_parent_that_is_a_file_is_refused_before_any_work(setup, tmp_path, capsys, no_work):

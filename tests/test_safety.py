@@ -15,6 +15,7 @@ import torch
 from moca_fast.config import ConfigError, load_config
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.safe_load import CheckpointLoadError
+from tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -283,16 +284,9 @@ def test_steps_deepspeed_skips_are_logged_and_reported_at_the_end(one_process_gr
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 2.5 MB tmpfs (room for two tiny checkpoints and the run files), if this process may mount one."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (the injected-ENOSPC tests above still run)")
-    yield mount
-    import gc
-
-    gc.collect()  # the failed torch.save's writer sits in a reference cycle that holds its file open
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "full", "size=2500k",
+                       "mounting a tmpfs needs root (the injected-ENOSPC tests above still run)") as mount:
+        yield mount
 
 
 def test_a_real_full_filesystem_stops_with_status_4_and_a_resume_too(one_process_group, tiny_tmpfs, capfd):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -263,20 +264,39 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, timm_export
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_signal_while_saving_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_file(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def fail(self, path, **kwargs):
+        raise RuntimeError("the renderer broke\nsecond line")
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert viz_main(["masks", "--preset", "demo", "--data", "demo", "--output", str(tmp_path / "m.png")]) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("error: rank 0: RuntimeError: the renderer broke (traceback in ")
+    kept = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert kept.parent == tmp_path and "Traceback" in kept.read_text() and "the renderer broke" in kept.read_text()
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_while_saving_leaves_no_partial_png(stop, tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
     def save_half_then_signal(self, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG\r\n\x1a\n half")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), stop)
 
     monkeypatch.setattr(Figure, "savefig", save_half_then_signal)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(stop)
     out = tmp_path / "out"
-    assert viz_main(["masks", "--preset", "demo", "--data", "demo", "--output", str(out / "m.png")]) == 128 + 15
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGTERM: no figure written"
+    assert viz_main(["masks", "--preset", "demo", "--data", "demo", "--output", str(out / "m.png")]) == 128 + stop
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"stopped by {stop.name}: no figure written"
     assert os.listdir(out) == []
-    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone with it
+    assert signal.getsignal(stop) is before  # the command's handler is gone with it
 
 
 def test_ctrl_c_during_a_command_ends_it_with_one_line(tmp_path):

@@ -49,7 +49,6 @@ import itertools
 import logging
 import os
 import socket
-import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor

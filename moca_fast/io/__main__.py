@@ -66,12 +66,18 @@ def _load(path: str, preset: str | None, overrides: dict):
     return load_official(path, preset, **overrides)
 
 
+#: what torch.save's C++ file writer says when a write fails (a full disk): a RuntimeError, not an OSError
+_TORCH_WRITER_FAILURES = ("inline_container.cc", "PytorchStreamWriter")
+
+
 def _written(out: str, write):
-    """write(), whose failure (OSError, or torch.save's RuntimeError on a full disk) becomes one line naming
-    --out; the file is written atomically, so nothing is left behind."""
+    """write(), whose write failure (OSError, or torch.save's RuntimeError on a full disk) becomes one line
+    naming --out; the file is written atomically, so nothing is left behind. Any other error goes on."""
     try:
         return write()
     except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(mark in str(e) for mark in _TORCH_WRITER_FAILURES):
+            raise
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise OSError(f"--out {out} could not be written ({reason})") from None
 

@@ -2,10 +2,11 @@
 
 Source: --checkpoint / --preset, exactly as the evaluation commands take them (moca_fast.eval.source).
 Images: files or folders as arguments, or --data demo (moca_fast.viz.images). --output FILE.png (default
-viz_<kind>.png in the current folder; checked before any work). A command prints one line naming the PNG it wrote.
-Bad input: one line
-`error: ...` naming the file or setting, exit status 2. SIGINT / SIGTERM: one line, exit status 128 + the
-signal's number, and no figure file (PNGs are written to a temporary name and renamed into place).
+viz_<kind>.png in the current folder; checked before any work). A command prints one line naming the PNG it
+wrote. Bad input: one line `error: ...` naming the file or setting, exit status 2; any other error: one line
+`error: rank 0: Type: message (traceback in FILE)`, exit status 1. SIGINT / SIGTERM / SIGHUP: one line, exit
+status 128 + the signal's number, and no figure file (PNGs are written to a temporary name and renamed into
+place).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from moca_fast.config import ConfigError
-from moca_fast.eval.cli import EXIT_BAD_INPUT, OneLineParser, positive
+from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, unexpected_error_line
+from moca_fast.eval.cli import positive
 from moca_fast.eval.source import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
 from moca_fast.output_files import check_output_file
@@ -98,6 +100,9 @@ def run(figure, argv: list[str] | None) -> int:
     except interrupt.Interrupted as e:
         print(f"stopped by {e}: no figure written", file=sys.stderr)
         return e.exit_status
+    except Exception as e:  # noqa: BLE001 - the edge of the command: one line, the traceback in a file
+        print(unexpected_error_line(e, None), file=sys.stderr)
+        return EXIT_ERROR
     finally:
         interrupt.restore(previous)
     print(f"{summary}  ->  {path}")

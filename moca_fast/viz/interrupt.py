@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM during a viz command: the command ends with one line, no traceback, no partial file.
+"""SIGINT / SIGTERM / SIGHUP during a viz command: the command ends with one line, no traceback, no partial file.
 
 Imports nothing heavy, so `python -m moca_fast.viz` installs the handlers before torch and matplotlib load.
 The handlers record the signal and raise `Interrupted` (a BaseException, so no `except Exception` swallows it);
@@ -14,7 +14,7 @@ import gc
 import signal
 import sys
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from moca_fast.ending import STOP_SIGNALS
 
 _received: list[int] = []
 
