@@ -1,5 +1,6 @@
 """Loader workers at ImageNet scale: flat memory over epochs (no copy-on-write of the file list), and
 workers that end with their process however it ends."""
+import gc
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_PATHS = 1_050_000
 BATCH = 8192
 EPOCHS = 2
-MAX_GROWTH_MB = 16  # measured: +1 MB; the path strings of a Python list: +84 MB at this size, copied page by page
+MAX_GROWTH_MB = 16  # measured: +1 to +6 MB; the path strings of a Python list: +84 MB at this size, copied page by
+# page, and the parent's objects written by its garbage collector unless frozen before the fork: +87 MB
 
 
 class _ConstantViews:
@@ -52,6 +54,7 @@ def test_worker_memory_stays_flat_over_epochs_at_a_million_paths(monkeypatch):
             if epoch == 0 and step == 0:
                 uss.append(worker_uss_mb(loader))
         assert step == len(loader) - 1 and x1.shape == (BATCH, 3, 1, 1)
+        gc.collect()  # as the trainer's own collections do: without the loader's gc.freeze, +87 MB here
         uss.append(worker_uss_mb(loader))
     growth = max(uss) - uss[0]
     assert growth <= MAX_GROWTH_MB, f"worker USS grew by {growth:.0f} MB over {EPOCHS} epochs (MB: {uss})"

@@ -127,7 +127,15 @@ def _shut_down_workers_at_exit() -> None:
 
 
 def iterate(loader: DataLoader):
-    """iter(loader), remembered (and its workers) so that they are ended at interpreter exit."""
+    """iter(loader), remembered (and its workers) so that they are ended at interpreter exit.
+
+    The objects alive when workers fork are frozen out of the parent's garbage collector first: a full
+    collection in the parent writes to every tracked object's header, and each page it writes is then
+    copied for every worker (measured: +87 MB of worker USS at one parent gc.collect(), torch imported).
+    """
+    if loader.num_workers > 0:
+        gc.collect()
+        gc.freeze()
     iterator = iter(loader)
     if loader.num_workers > 0:
         _live_iterators.add(iterator)
