@@ -223,6 +223,7 @@ class Ending:
                                              stop=stop is not None))
             self._linger()
             kill_children()
+            _remove_unfinished_files()
             os._exit(status)
 
     def _linger(self) -> None:
@@ -270,6 +271,29 @@ def _write_line(line: str) -> None:
         print(line.rstrip("\n"), file=sys.stderr, flush=True)
     except (OSError, ValueError):  # a closed or broken stream: the exit status still says it
         pass
+
+
+# ---------------------------------------------------------------------- files being written
+_unfinished: set[str] = set()
+
+
+@contextmanager
+def unfinished_file(path: str | os.PathLike):
+    """While the block runs, `path` (the temporary file of an atomic write) is removed if the process ends at
+    once (an immediate stop, a peer's end): no temporary file is left behind by a stop at any moment."""
+    _unfinished.add(os.fspath(path))
+    try:
+        yield
+    finally:
+        _unfinished.discard(os.fspath(path))
+
+
+def _remove_unfinished_files() -> None:
+    for path in list(_unfinished):
+        try:
+            os.unlink(path)
+        except OSError:  # already renamed into place, or never created
+            pass
 
 
 # ---------------------------------------------------------------------- the process-wide instance

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from moca_fast.config import ConfigError
+from moca_fast.ending import unfinished_file
 
 
 def folder_problem(folder: str | os.PathLike) -> str | None:
@@ -61,16 +62,28 @@ def check_output_folder(path: str | os.PathLike, what: str) -> Path:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write; when the block ends without error it is flushed to
-    disk and renamed onto `path`, otherwise removed (the error goes on)."""
+    disk and renamed onto `path`, otherwise removed (the error goes on), and so it is when the process ends
+    at once meanwhile (moca_fast.ending.unfinished_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with unfinished_file(tmp):
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The rename itself made durable (the folder's entry), as a checkpoint's `latest` needs."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -108,6 +108,33 @@ def test_an_unexpected_error_in_eval_or_io_is_one_line_with_its_traceback_in_a_f
     assert not (tmp_path / "knn.json").exists() and not (tmp_path / "teacher.pth").exists()
 
 
+def test_a_stop_while_a_result_is_written_leaves_neither_it_nor_its_temporary_file(tmp_path):
+    """An immediate stop ends the process from the watcher thread (os._exit: no finally block runs); the
+    temporary file of the atomic write under way is removed all the same."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from moca_fast.entry import run_main
+        from moca_fast.output_files import atomic_file
+
+        def writing(end):
+            with atomic_file({str(tmp_path / "result.json")!r}) as tmp:
+                tmp.write_text("half a res")
+                print("writing", flush=True)
+                time.sleep(120)
+            return 0
+
+        sys.exit(run_main(writing, known=lambda error: None))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir()] == [f".result.json.{proc.pid}.tmp"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stop_ends_a_main_blocked_in_c_at_once_with_one_line(tmp_path):
     """The watcher thread ends the process even though the main thread never returns to Python (here: a pipe
     nobody writes to, as a rank waiting in a collective for a rank that scans)."""

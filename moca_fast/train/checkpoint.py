@@ -32,6 +32,7 @@ import torch
 
 from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
+from moca_fast.output_files import atomic_file
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 from moca_fast.train.safe_load import install_weights_only_loading, safe_load
@@ -80,13 +81,8 @@ def _fsync_tree(folder: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """`text` into `path` through a temporary file, fsync and rename: a reader (or a resume after a stop in the
     middle) finds the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def trainer_file(folder: Path, rank: int) -> Path:

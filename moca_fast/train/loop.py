@@ -367,7 +367,3 @@ class Trainer:
             ckpt.write_atomic(self.output / "eval.json", json.dumps(result, indent=1))
             write_run_figures(self.output, self.model, self.knn.val, self.step, self.dtype)
         return result
-
-
-def train(cfg: Config, resume: str | None = None, deepspeed_config: str | None = None) -> dict:
-    return Trainer(cfg, resume, deepspeed_config).train()
