@@ -86,10 +86,11 @@ class Session:
 def run(protocol: str, main, argv: list[str] | None) -> int:
     """Parses nothing itself: calls main(argv) -> (output, result dict, summary line) and reports it. Stops and
     errors end as one line (moca_fast.entry): a bad setting or input with status 2."""
-    return run_main(lambda end: _run(protocol, main, argv, end), known=_known_error)
+    return run_main(lambda end: _run(protocol, main, argv, end), known=known_error)
 
 
-def _known_error(error: Exception) -> tuple[int, str] | None:
+def known_error(error: Exception) -> tuple[int, str] | None:
+    """(status 2, its line) for a bad setting or input (ConfigError, CheckpointError); None for the others."""
     if isinstance(error, (ConfigError, CheckpointError)):
         return EXIT_BAD_INPUT, f"error: {first_line(error)}"
     return None

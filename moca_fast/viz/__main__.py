@@ -1,13 +1,8 @@
 """python -m moca_fast.viz {pca,codes,masks,curves,neighbors} [flags]  (each: --help). Each writes one PNG."""
-from moca_fast.viz import interrupt
+import importlib
+import sys
 
-if __name__ == "__main__":
-    interrupt.install()  # before torch and matplotlib load: a signal from here on ends with one line
-
-import importlib  # noqa: E402
-import sys  # noqa: E402
-
-from moca_fast.subcommands import choose  # noqa: E402
+from moca_fast.subcommands import choose
 
 FIGURES = {"pca": "the teacher's patch tokens, first three PCA components as RGB",
            "codes": "the codebook word the teacher assigns each patch, its entropy, the most used words",
@@ -17,16 +12,16 @@ FIGURES = {"pca": "the teacher's patch tokens, first three PCA components as RGB
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from moca_fast.entry import run_main  # stops are handled and errors are one line from here
+
+    return run_main(lambda end: _main(sys.argv[1:] if argv is None else argv), known=lambda error: None)
+
+
+def _main(argv: list[str]) -> int:
     figure = choose(argv, __doc__, FIGURES, "figure")
     if isinstance(figure, int):
         return figure
-    try:
-        module = importlib.import_module(f"moca_fast.viz.{figure}")
-    except interrupt.Interrupted as e:
-        print(f"stopped by {e}: no figure written", file=sys.stderr)
-        return e.exit_status
-    return module.main(argv[1:])
+    return importlib.import_module(f"moca_fast.viz.{figure}").main(argv[1:])
 
 
 if __name__ == "__main__":

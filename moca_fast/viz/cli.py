@@ -4,26 +4,22 @@ Source: --checkpoint / --preset, exactly as the evaluation commands take them (m
 Images: files or folders as arguments, or --data demo (moca_fast.viz.images). --output FILE.png (default
 viz_<kind>.png in the current folder; checked before any work). A command prints one line naming the PNG it
 wrote. Bad input: one line `error: ...` naming the file or setting, exit status 2; any other error: one line
-`error: rank 0: Type: message (traceback in FILE)`, exit status 1. SIGINT / SIGTERM / SIGHUP: one line, exit
-status 128 + the signal's number, and no figure file (PNGs are written to a temporary name and renamed into
-place).
+`error: rank 0: Type: message (traceback in FILE)`, exit status 1 (moca_fast.entry). SIGINT / SIGTERM / SIGHUP:
+one line, exit status 128 + the signal's number, and no figure file (moca_fast.ending; PNGs are written to a
+temporary name and renamed into place).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from moca_fast.config import ConfigError
-from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, unexpected_error_line
-from moca_fast.eval.cli import positive
+from moca_fast.entry import OneLineParser, run_main
+from moca_fast.eval.cli import known_error, positive
 from moca_fast.eval.source import Teacher, load_teacher
-from moca_fast.io.official import CheckpointError
 from moca_fast.output_files import check_output_file
-from moca_fast.viz import interrupt
 from moca_fast.viz.figure import save_png, where
 from moca_fast.viz.images import Images, encoder_tokens, find_images, load_images, patch_tokens
 
@@ -87,23 +83,14 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 
 def run(figure, argv: list[str] | None) -> int:
     """figure(argv) -> (matplotlib Figure, summary, parsed args): writes args.output and prints
-    "summary -> path", or one line on bad input or a signal."""
-    previous = interrupt.install()
+    "summary -> path"; stops and errors end as one line (moca_fast.entry)."""
+    return run_main(lambda end: _run(figure, argv, end), known=known_error)
+
+
+def _run(figure, argv: list[str] | None, end) -> int:
+    end.immediate("before the figure was written: nothing written")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        fig, summary, args = figure(argv)
-        interrupt.check()
-        path = save_png(fig, args.output)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except interrupt.Interrupted as e:
-        print(f"stopped by {e}: no figure written", file=sys.stderr)
-        return e.exit_status
-    except Exception as e:  # noqa: BLE001 - the edge of the command: one line, the traceback in a file
-        print(unexpected_error_line(e, None), file=sys.stderr)
-        return EXIT_ERROR
-    finally:
-        interrupt.restore(previous)
+    fig, summary, args = figure(argv)
+    path = save_png(fig, args.output)
     print(f"{summary}  ->  {path}")
     return 0
