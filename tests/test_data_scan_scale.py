@@ -96,6 +96,38 @@ def test_an_interrupted_scan_keeps_what_it_checked_and_its_workers_die_with_it(t
     assert len(images) == 1200 and len(calls) == 1200 - kept  # resumed: only the files not yet checked
 
 
+SLOW_SCAN_COMMAND = SLOW_SCAN.replace("scan.scan_images(sys.argv[1], processes=2)", """
+from moca_fast.data.__main__ import main
+sys.exit(main(["scan", sys.argv[1], "--processes", "2"]))""")
+
+
+def test_the_scan_command_stopped_mid_scan_says_so_in_one_line_and_resumes(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "data", 1200)
+    child = subprocess.Popen([sys.executable, "-c", SLOW_SCAN_COMMAND, str(root)], cwd=REPO, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while journal_entries(root) < 2 * scan.CHECK_CHUNK:
+            assert child.poll() is None, child.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the scan saved nothing within 120 s"
+            time.sleep(0.05)
+        workers = psutil.Process(child.pid).children()
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 128 + signal.SIGTERM and alive == [], err[-2000:]
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == (
+        "stopped by SIGTERM during the scan: the files checked so far are kept; the same command resumes")
+    kept = journal_entries(root)
+    assert 2 * scan.CHECK_CHUNK <= kept < 1200
+    calls = counting_checks(monkeypatch)
+    assert len(scan_images(root, processes=1)) == 1200 and len(calls) == 1200 - kept
+
+
 def test_parallel_and_serial_scans_agree_across_linked_class_folders(tmp_path):
     root = tmp_path / "data"
     write_folder(root, 40, classes=3)

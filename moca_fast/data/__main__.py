@@ -4,31 +4,19 @@
     python -m moca_fast.data scan /data/imagenet/train --processes 8
 
 Lists the folder, checks every new or changed file (see moca_fast.data.scan) with a progress bar (or a
-log line every 15 s when stderr is not a terminal) and prints one summary line. Interrupted (Ctrl-C,
-SIGTERM, SIGHUP), it keeps what it checked and the same command resumes. Exit status: 0 done, 2 bad
-folder or bad file with --bad-files error, 130 interrupted.
+log line every 15 s when stderr is not a terminal) and prints one summary line. Stopped (Ctrl-C, SIGTERM,
+SIGHUP: one line, moca_fast.ending), it keeps what it checked and the same command resumes. Exit status:
+0 done, 2 bad folder or bad file with --bad-files error, 1 an unexpected error (one line, the traceback in a
+file), 128 + N stopped by signal N.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 
-from moca_fast.config import ConfigError
-from moca_fast.data.scan import printable, scan_images
-from moca_fast.data.scan_pool import format_duration
-
-EXIT_BAD_SETTING, EXIT_INTERRUPTED = 2, 130
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+from moca_fast.entry import EXIT_BAD_INPUT, first_line, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def summary(images, stats: dict, seconds: float) -> str:
+    from moca_fast.data.scan import printable
+    from moca_fast.data.scan_pool import format_duration
+
     bad = len(images.skipped)
     checked = stats["checked"]
     rate = f" ({checked / stats['check_s']:,.0f} files/s on {stats['processes']} processes)" if checked else ""
@@ -54,21 +45,24 @@ def summary(images, stats: dict, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
+    return run_main(lambda end: _main(argv, end), known=_known_error)
+
+
+def _known_error(error: Exception) -> tuple[int, str] | None:
+    from moca_fast.config import ConfigError
+
+    return (EXIT_BAD_INPUT, f"error: {first_line(error)}") if isinstance(error, ConfigError) else None
+
+
+def _main(argv, end) -> int:
+    end.immediate("during the scan: the files checked so far are kept; the same command resumes")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _interrupt)
+    from moca_fast.data.scan import scan_images
+
     stats: dict = {}
     started = time.monotonic()
-    try:
-        images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"interrupted ({e or 'SIGINT'}): the files checked so far are kept; the same command resumes",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats)
     print(summary(images, stats, time.monotonic() - started))
     return 0
 
