@@ -77,12 +77,12 @@ def atomic_file(path: str | os.PathLike):
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
-    _fsync_folder(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """The rename itself made durable (the folder's entry), as a checkpoint's `latest` needs."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """A file's data, or a folder's entries (a rename into it made durable), flushed to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -1,7 +1,8 @@
 """The first word of `python -m moca_fast.eval ...` / `python -m moca_fast.viz ...`: which command runs.
-Imports nothing heavy (the viz entry point chooses before torch loads)."""
+Imports nothing heavy: stop handling starts before torch loads."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -17,3 +18,17 @@ def choose(argv: list[str], usage: str, commands: dict[str, str], noun: str) -> 
         print(f"error: unknown {noun} {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return argv[0]
+
+
+def dispatch(package: str, argv: list[str], usage: str, commands: dict[str, str], noun: str) -> int:
+    """`python -m <package> <command> [flags]`: runs <package>.<command>.main(flags), with stops handled and
+    every error one line from here (moca_fast.entry)."""
+    from moca_fast.entry import run_main
+
+    def body(end) -> int:
+        command = choose(argv, usage, commands, noun)
+        if isinstance(command, int):
+            return command
+        return importlib.import_module(f"{package}.{command}").main(argv[1:])
+
+    return run_main(body, known=lambda error: None)

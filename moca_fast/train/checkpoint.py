@@ -32,7 +32,7 @@ import torch
 
 from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
-from moca_fast.output_files import atomic_file
+from moca_fast.output_files import atomic_file, fsync_path
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 from moca_fast.train.safe_load import install_weights_only_loading, safe_load
@@ -63,19 +63,11 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -135,7 +127,7 @@ def _publish(root: Path, tmp: Path, final: Path, name: str, meta: dict, keep: in
         os.rename(final, stale)
         shutil.rmtree(stale)
     os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     write_atomic(root / LATEST, name + "\n")
     _prune(root, keep, name)
 
