@@ -329,3 +329,15 @@ def test_ctrl_c_during_a_command_ends_it_with_one_line(tmp_path):
     assert rest.replace("\r", "\n").strip().splitlines()[-1] == \
         "stopped by SIGINT before the figure was written: nothing written"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_long_title_stays_inside_the_figure():
+    """A source path longer than the figure is wide is wrapped, not cut at the figure's edges."""
+    from moca_fast.viz.figure import new_figure, set_title
+
+    fig = new_figure(4.0, 2.0)
+    set_title(fig, "Masking rounds of a training step: checkpoint " + "/a/long/run/folder" * 12 + ", step 496\nline 2")
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert fig._suptitle.get_text().count("\n") > 1

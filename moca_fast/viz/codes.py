@@ -25,7 +25,7 @@ from moca_fast.config import ConfigError
 from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.losses import assign_reference
 from moca_fast.viz import cli
-from moca_fast.viz.figure import SUPTITLE_SIZE, TITLE_SIZE, image_axis, new_figure, short_name, upsample
+from moca_fast.viz.figure import TITLE_SIZE, image_axis, new_figure, set_title, short_name, upsample
 from moca_fast.viz.images import Images
 
 OTHER_WORDS = (0.85, 0.85, 0.85, 1.0)
@@ -95,9 +95,9 @@ def draw(images: Images, maps: CodeMaps, title: str, patch_size: int):
     maps_height, words_height = 3 * MAP_PANEL, word_rows * PATCH_ROW + WORDS_TITLE
     fig = new_figure(max(n * MAP_PANEL + LEGEND_WIDTH, PATCHES_PER_WORD * PATCH_ROW + LABEL_WIDTH),
                      HEADER + maps_height + words_height)
-    fig.suptitle(f"Teacher codebook assignments: {title}\nK = {maps.num_words} words, sharpening "
-                 f"inv_delta / dist_norm = {maps.inv_temperature:.3g} (dist_norm {maps.dist_norm:.3g}); "
-                 f"{maps.words.size} patches use {int((maps.uses > 0).sum())} words", fontsize=SUPTITLE_SIZE)
+    set_title(fig, f"Teacher codebook assignments: {title}\nK = {maps.num_words} words, sharpening "
+                   f"inv_delta / dist_norm = {maps.inv_temperature:.3g} (dist_norm {maps.dist_norm:.3g}); "
+                   f"{maps.words.size} patches use {int((maps.uses > 0).sum())} words")
     top, bottom = fig.subfigures(2, 1, height_ratios=[maps_height, words_height])
     axes = top.subplots(3, n, squeeze=False)
     entropy_max = max(float(maps.entropy.max()), 1e-6)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moca_fast.config import ConfigError
 from moca_fast.viz import cli
-from moca_fast.viz.figure import SUPTITLE_SIZE, TITLE_SIZE, new_figure
+from moca_fast.viz.figure import TITLE_SIZE, new_figure, set_title
 
 log = logging.getLogger("moca_fast.viz")
 
@@ -92,8 +92,8 @@ def read_run(folder: Path, label: str) -> Run:
 def draw(runs: list[Run]):
     rows = -(-len(PANELS) // COLUMNS)
     fig = new_figure(COLUMNS * PANEL_WIDTH, rows * PANEL_HEIGHT + HEADER)
-    fig.suptitle(f"Training curves of {len(runs)} run{'s' if len(runs) > 1 else ''}: "
-                 + ", ".join(str(r.folder) for r in runs), fontsize=SUPTITLE_SIZE)
+    set_title(fig, f"Training curves of {len(runs)} run{'s' if len(runs) > 1 else ''}: "
+              + ", ".join(str(r.folder) for r in runs))
     axes = list(fig.subplots(rows, COLUMNS, squeeze=False).flat)
     lines = []
     for ax, (key, title) in zip(axes, PANELS):

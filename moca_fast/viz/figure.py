@@ -7,6 +7,7 @@ nothing is cropped when saving (no bbox_inches="tight"), so the size is known be
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,13 @@ def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def set_title(fig: Figure, text: str) -> None:
+    """fig.suptitle, each line wrapped to the figure's width: a long source path would run off its edges."""
+    per_line = max(20, int(fig.get_figwidth() * 72 / (0.62 * SUPTITLE_SIZE)))  # DejaVu Sans: ~0.6 em a character
+    wrapped = "\n".join(textwrap.fill(line, per_line) for line in text.split("\n"))
+    fig.suptitle(wrapped, fontsize=SUPTITLE_SIZE)
 
 
 def where(source: str, step: int | None) -> str:

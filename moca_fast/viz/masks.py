@@ -23,7 +23,7 @@ from moca_fast.config import Config, load_config
 from moca_fast.eval.source import load_teacher
 from moca_fast.model.masks import make_two_complementary_masks
 from moca_fast.viz import cli
-from moca_fast.viz.figure import PANEL, SUPTITLE_SIZE, image_axis, new_figure, short_name, upsample, where
+from moca_fast.viz.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample, where
 from moca_fast.viz.images import find_images, load_images
 
 # round panels: what a token is in that round (the encoder's tokens show the image)
@@ -77,9 +77,8 @@ def draw(pixels: np.ndarray, name: str, masks: RoundMasks, title: str, patch: in
     L = masks.both.size
     fig = new_figure(4 * PANEL, PANEL + HEADER + LEGEND_HEIGHT)
     grid = masks.both.shape[0]
-    fig.suptitle(f"Masking rounds of a training step: {title}\n{L} tokens ({grid} x {grid} patches of {patch} "
-                 f"pixels), drawn by the training's mask generator",
-                 fontsize=SUPTITLE_SIZE)
+    set_title(fig, f"Masking rounds of a training step: {title}\n{L} tokens ({grid} x {grid} patches of {patch} "
+                   f"pixels), drawn by the training's mask generator")
     axes = fig.subplots(1, 4)
     axes[0].imshow(pixels, interpolation="nearest")
     image_axis(axes[0], name)

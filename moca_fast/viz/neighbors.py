@@ -24,7 +24,7 @@ from moca_fast.data.scan import ImageList, scan_images
 from moca_fast.eval.data import extract, subset
 from moca_fast.eval.source import TeacherTokens
 from moca_fast.viz import cli
-from moca_fast.viz.figure import SUPTITLE_SIZE, image_axis, new_figure, short_name
+from moca_fast.viz.figure import image_axis, new_figure, set_title, short_name
 from moca_fast.viz.images import Images, load_images
 
 PANEL = 1.4
@@ -75,7 +75,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, query_files: list
 def draw(queries: Images, neighbours: list[Images], sims: torch.Tensor, title: str):
     n, k = len(queries), sims.shape[1]
     fig = new_figure((k + 1) * PANEL, n * PANEL + HEADER + LEGEND_HEIGHT)
-    fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+    set_title(fig, title)
     axes = fig.subplots(n, k + 1, squeeze=False)
     for q in range(n):
         axes[q, 0].imshow(queries.pixels[q].numpy(), interpolation="nearest")

@@ -20,7 +20,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import MinMaxScaler
 
 from moca_fast.viz import cli
-from moca_fast.viz.figure import PANEL, SUPTITLE_SIZE, image_axis, new_figure, short_name, upsample
+from moca_fast.viz.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample
 from moca_fast.viz.images import Images
 
 PAIRS_PER_ROW = 4
@@ -71,9 +71,9 @@ def draw(images: Images, maps: PcaMaps, title: str):
     rows = math.ceil(n / per_row)
     fig = new_figure(per_row * panels * PANEL, rows * PANEL + HEADER)
     share = ", ".join(f"{100 * v:.0f} %" for v in maps.explained)
-    fig.suptitle(f"PCA of the teacher's patch tokens: {title}\n"
-                 f"RGB = components 1, 2, 3 ({share} of the variance), one PCA over the {maps.first.size} patches "
-                 f"of these {n} images", fontsize=SUPTITLE_SIZE)
+    set_title(fig, f"PCA of the teacher's patch tokens: {title}\n"
+                   f"RGB = components 1, 2, 3 ({share} of the variance), one PCA over the {maps.first.size} patches "
+                   f"of these {n} images")
     axes = fig.subplots(rows, per_row * panels, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
