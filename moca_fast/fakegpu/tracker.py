@@ -205,29 +205,25 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ contexts
     @contextlib.contextmanager
-    def _in_state(self, state: str):
-        previous, self._state = self._state, state
+    def _set_for_block(self, attribute: str, value):
+        previous = getattr(self, attribute)
+        setattr(self, attribute, value)
         try:
             yield
         finally:
-            self._state = previous
+            setattr(self, attribute, previous)
 
     def paused(self):
         """Ops run untracked and uncounted (tracing a graph, not running it)."""
-        return self._in_state("paused")
+        return self._set_for_block("_state", "paused")
 
     def fused(self):
         """New storages cost nothing: values a fused GPU kernel keeps in registers (moca_fast.fakegpu.compiled)."""
-        return self._in_state("fused")
+        return self._set_for_block("_state", "fused")
 
-    @contextlib.contextmanager
     def scoped(self, name: str):
         """Allocations within are labelled `name` (e.g. a module's name)."""
-        previous, self.scope = self.scope, name
-        try:
-            yield
-        finally:
-            self.scope = previous
+        return self._set_for_block("scope", name)
 
     def label_modules(self, model: torch.nn.Module, depth: int = 2) -> list:
         """Labels allocations with the name of the innermost module (up to `depth` name components) that runs
