@@ -37,7 +37,7 @@ def parser(kind: str, doc: str, num_images: int | None = 8, source: bool = True)
     """The command's parser: source flags (unless source=False), image arguments (unless num_images is None),
     --output."""
     p = FigureParser(prog=f"python -m moca_fast.viz {kind}", description=doc,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if source:
         p.add_argument("--checkpoint", help="run folder, checkpoint folder, model file, official checkpoint "
                                             "(with --preset) or timm export; absent: --preset at random init")
