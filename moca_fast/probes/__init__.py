@@ -1,0 +1,1 @@
+"""Evaluation cores shared by the evaluation commands and the in-training probes (below both)."""
