@@ -3,7 +3,8 @@
 Features (DenseFeatures):
   last   the final block's tokens after the encoder's final LayerNorm, [CLS] dropped: [B, C, g, g]
          (Segmenter's linear decoder reads these);
-  last4  the last four blocks' tokens, each through the final LayerNorm, concatenated: [B, 4C, g, g]
+  last4  the last four blocks' tokens (all, in a shallower encoder), each through the final LayerNorm,
+         concatenated: [B, 4C, g, g]
          (DINOv2's linear head, "+ms" variant; iBOT's linear head likewise).
 Head (LinearHead): a 1x1 convolution (a Linear per token), preceded by BatchNorm for `last4` as DINOv2's
 BNHead does; weights trunc-normal std 0.02, bias 0 (Segmenter). Its logits are upsampled bilinearly to the
@@ -31,7 +32,7 @@ class DenseFeatures(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.encoder.norm.normalized_shape[0] * (4 if self.features == "last4" else 1)
+        return self.encoder.norm.normalized_shape[0] * (len(self.encoder.blocks[-4:]) if self.features == "last4" else 1)
 
     def _keep_output(self, module, inputs, output) -> None:
         self._kept.append(output)
