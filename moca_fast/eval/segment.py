@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from moca_fast.config import ConfigError
 from moca_fast.data.segmentation import SHOWN_NAMES, load_segmentation
 from moca_fast.data.segmentation_demo import prepare_segmentation_demo
-from moca_fast.data.segmentation_loader import EndlessBatches, TrainCrops, WholeImages, one_image
+from moca_fast.data.segmentation_loader import SCALE, EndlessBatches, TrainCrops, WholeImages, one_image
 from moca_fast.eval import cli
 from moca_fast.eval.source import random_teacher
 from moca_fast.probes.segmentation_cache import cached_batches, window_features
@@ -39,8 +39,9 @@ from moca_fast.probes.segmentation_train import Problems, score_probe, train_pro
 
 log = logging.getLogger("moca_fast.eval")
 
-RECIPE = {"iters": 80000, "batch_size": 8, "lr": 0.01}
-DEMO_RECIPE = {"iters": 500, "batch_size": 32, "lr": 0.5}  # tuned on the demo: 0.05 and 0.5 tried
+RECIPE = {"iters": 80000, "batch_size": 8, "lr": 0.01, "scale": SCALE, "features": "last"}
+#: the demo's, chosen on its own validation set from lr 0.05 / 0.5, scale 0.5-2 / 1, features last / last4
+DEMO_RECIPE = {"iters": 500, "batch_size": 32, "lr": 0.05, "scale": (1.0, 1.0), "features": "last4"}
 BASE_SIZE = {"ade20k": 512, "voc": 512}  # short side (mmsegmentation's 2048 x 512); others: the file's size
 LAYOUT_CHOICES = ("auto", "cityscapes", "ade20k", "voc", "folder")
 
@@ -49,10 +50,12 @@ def _parser():
     p = cli.parser("segment", __doc__.split("\n\n")[0],
                    data_help="segmentation set (Cityscapes, ADE20K, VOC 2012, folder layout) or 'demo'")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto")
-    p.add_argument("--features", choices=FEATURES, default="last")
+    p.add_argument("--features", choices=FEATURES, help="default last; demo last4")
     p.add_argument("--iters", type=int, help=f"training iterations (default {RECIPE['iters']}; demo "
                                              f"{DEMO_RECIPE['iters']})")
     p.add_argument("--lr", type=float, help=f"base lr (default {RECIPE['lr']}; demo {DEMO_RECIPE['lr']})")
+    p.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="random rescaling of training images (default 0.5 2.0; demo 1 1: its digits have one size)")
     p.add_argument("--stride", type=int, help="sliding-window stride in pixels (default 2/3 of the window)")
     p.add_argument("--base-size", type=int, help="short side images are scaled to (default: ADE20K, VOC 512; "
                                                  "others as stored)")
@@ -79,6 +82,8 @@ def _check(args) -> None:
         raise ConfigError(f"--lr {args.lr} must be > 0")
     if not 0 < args.layer_decay <= 1:
         raise ConfigError(f"--layer-decay {args.layer_decay} must be in (0, 1]")
+    if args.scale is not None and not 0 < args.scale[0] <= args.scale[1]:
+        raise ConfigError(f"--scale {args.scale[0]:g} {args.scale[1]:g}: need 0 < MIN <= MAX")
     if args.cached and args.finetune:
         raise ConfigError("--cached trains a head on fixed features; it cannot be combined with --finetune")
     if args.data is None:
@@ -113,6 +118,8 @@ class _Runner:
         recipe = DEMO_RECIPE if demo else RECIPE
         self.iters = args.iters or recipe["iters"]
         self.lr = args.lr or recipe["lr"]
+        self.scale = tuple(args.scale or recipe["scale"])
+        self.features = args.features or recipe["features"]
         self.batch = s.batch_size
         self.window = s.cfg.img_size
         self.stride = args.stride or max(1, self.window * 2 // 3)
@@ -130,7 +137,7 @@ class _Runner:
             feats, labels = window_features(probe.features, self.train, indices, self.window, self.base,
                                             self.s.device, self.train_problems)
             return cached_batches(feats, labels, self.batch, self.args.seed, self.s.rank, self.s.world_size)
-        crops = TrainCrops(self.train, self.window, self.base, self.args.seed)
+        crops = TrainCrops(self.train, self.window, self.base, self.args.seed, self.scale)
         sampler = EndlessBatches(indices, self.batch, self.args.seed, self.s.rank, self.s.world_size)
         loader = DataLoader(crops, batch_sampler=sampler, num_workers=self.s.cfg.num_workers,
                             pin_memory=self.s.device.type == "cuda")
@@ -147,7 +154,7 @@ class _Runner:
         torch.manual_seed(self.args.seed)  # the same initial head on every rank
         if self.args.finetune:
             encoder = copy.deepcopy(encoder).requires_grad_(True)
-        probe = SegmentationProbe(encoder, self.train.num_classes, self.args.features,
+        probe = SegmentationProbe(encoder, self.train.num_classes, self.features,
                                   frozen=not self.args.finetune).to(self.s.device)
         start = time.perf_counter()
         batches = self.batches(probe, indices)
@@ -204,10 +211,11 @@ def _evaluate(argv):
     result = {
         "miou": main_run["miou_mean"], "miou_std": main_run["miou_std"],
         "pixel_accuracy": best["pixel_accuracy"], "iou": best["iou"], "results": results,
-        "settings": {"layout": train.layout, "data": root, "classes": train.classes, "features": args.features,
-                     "head": "batchnorm + 1x1 conv" if args.features == "last4" else "1x1 conv",
+        "settings": {"layout": train.layout, "data": root, "classes": train.classes, "features": runner.features,
+                     "head": "batchnorm + 1x1 conv" if runner.features == "last4" else "1x1 conv",
                      "protocol": "finetune" if args.finetune else "linear", "cached": args.cached,
                      "iters": runner.iters, "batch_size": runner.batch * s.world_size, "lr": runner.lr,
+                     "scale": None if args.cached else runner.scale,
                      "layer_decay": args.layer_decay if args.finetune else None, "window": runner.window,
                      "stride": runner.stride, "base_size": runner.base, "seed": args.seed,
                      "shots": args.shots, "splits": args.splits if args.shots else 1},
@@ -221,7 +229,7 @@ def _evaluate(argv):
         "checkpoint": s.teacher.source}
     if s.is_main and examples:
         result["examples"] = str(write_examples(args.output, val, examples, result, runner.base))
-    summary = f"segmentation ({result['settings']['protocol']}, {args.features}): " + " | ".join(
+    summary = f"segmentation ({result['settings']['protocol']}, {runner.features}): " + " | ".join(
         f"{name} " + ", ".join(f"{sub} mIoU {r['miou_mean']:.2f}" + (f" ± {r['miou_std']:.2f}" if args.shots else "")
                                for sub, r in runs.items()) for name, runs in results.items())
     summary += f" % on {runner.val_count} val images"
