@@ -2,6 +2,9 @@
 the result JSON, its settings and scores; the quick cached mode, fine-tuning, low-shot; the examples file and
 `python -m moca_fast.viz segment`; bad input in one line with exit status 2."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,10 +18,9 @@ from moca_fast.viz import segment as viz_segment
 COMMON = ["--num-workers", "0", "--iters", "3", "--batch-size", "2", "--val-images", "2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """classes.txt (3 classes); train: 4 pairs of 80 x 70, val: 3 pairs (one with a label outside the set)."""
-    root = tmp_path_factory.mktemp("segset")
+def _write_set(root, ignore_rows: int = 5, outside: bool = True):
+    """classes.txt (3 classes); train: 4 pairs of 80 x 70, val: 3 pairs; the top ignore_rows rows of every mask
+    255; with `outside`, 800 pixels of val mask 1 hold label 9 (no class)."""
     (root / "classes.txt").write_text("sky\nroad\ncar\n")
     rng = np.random.default_rng(0)
     for split, count in (("train", 4), ("val", 3)):
@@ -27,11 +29,16 @@ def data(tmp_path_factory):
         for k in range(count):
             Image.fromarray(rng.integers(0, 255, (70, 80, 3), np.uint8)).save(root / split / "images" / f"{k}.png")
             mask = rng.integers(0, 3, (70, 80), np.uint8)
-            mask[:5] = 255
-            if split == "val" and k == 1:
+            mask[:ignore_rows] = 255
+            if outside and split == "val" and k == 1:
                 mask[10:20] = 9
             Image.fromarray(mask).save(root / split / "masks" / f"{k}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_set(tmp_path_factory.mktemp("segset"))
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +129,26 @@ def test_viz_refuses_a_file_that_is_not_an_examples_file(tmp_path, capsys):
     bad.write_bytes(b"nonsense")
     assert viz_segment.main([str(bad), "--output", str(tmp_path / "x.png")]) == 2
     assert "not a segmentation examples file" in capsys.readouterr().err
+
+
+def test_two_gloo_ranks_score_every_image_once_and_match_one_rank(run, tmp_path, capsys):
+    """--cached, `last` (no BatchNorm): two ranks of batch 2 see the one-rank batch of 4 split between them (the
+    same draws), DDP averages their gradients, so the head and its scores are those of one rank. Exactly so only
+    where no pixel is ignored: each rank's loss is the mean over its own labelled pixels."""
+    (tmp_path / "set").mkdir()
+    data = _write_set(tmp_path / "set", ignore_rows=0, outside=False)
+    common = ["--checkpoint", str(run), "--data", str(data), "--cached", "--num-workers", "0", "--iters", "3",
+              "--examples", "0"]
+    one = tmp_path / "one.json"
+    status, cap = _segment(capsys, *common, "--batch-size", "4", "--output", str(one))
+    assert status == 0, cap.err
+    two = tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "moca_fast.eval", "segment", *common, "--batch-size", "2", "--output", str(two)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    runs = [r["results"]["teacher"]["full"]["runs"][0] for r in (a, b)]
+    assert runs[1]["pixels"] == 3 * 70 * 80 == runs[0]["pixels"]
+    assert runs[1]["iou"] == runs[0]["iou"] and b["settings"]["batch_size"] == 4
