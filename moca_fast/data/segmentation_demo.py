@@ -5,9 +5,11 @@ holds a digit with probability DIGIT_P, else stays black; each digit is shifted 
 Labels: the box around a digit's strokes (its pixels of value >= STROKE) is that digit's class (0..9), every
 other pixel is `background` (class 10); nothing is ignored. Boxes, not the strokes themselves: a stroke is 2-3
 pixels wide and the demo ViT's patches are 7 pixels, so a probe of patch tokens could place strokes only as
-blurs; which digit a region holds is what its tokens can tell. Training mosaics use the demo's training digits, validation mosaics
-its held-out digits (moca_fast.data.demo.demo_split), so no digit is seen in both. The draw is seeded
-(SEED): the set is the same on every machine. Written atomically under <moca_fast cache>/demo_segmentation
+blurs; which digit a region holds is what its tokens can tell. A shift rolls the digit within its cell (numpy
+roll): a stroke within SHIFT pixels of the cell's edge would wrap to the other side, which MNIST's 4-pixel
+margins mostly prevent. Training mosaics use the demo's training digits, validation mosaics its held-out digits
+(moca_fast.data.demo.demo_split), so no digit is seen in both. The draw is seeded (SEED): the set is the same on
+every machine. Written atomically under <moca_fast cache>/demo_segmentation
 in the folder layout of moca_fast.data.segmentation (classes.txt, {train,val}/{images,masks}).
 """
 from __future__ import annotations

@@ -32,7 +32,8 @@ class DenseFeatures(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.encoder.norm.normalized_shape[0] * (len(self.encoder.blocks[-4:]) if self.features == "last4" else 1)
+        layers = len(self.encoder.blocks[-4:]) if self.features == "last4" else 1
+        return self.encoder.norm.normalized_shape[0] * layers
 
     def _keep_output(self, module, inputs, output) -> None:
         self._kept.append(output)

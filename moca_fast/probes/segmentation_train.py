@@ -31,7 +31,7 @@ def poly_lr(base: float, iteration: int, iters: int) -> float:
     return base * (1.0 - iteration / iters) ** POLY_POWER
 
 
-def encoder_groups(probe: SegmentationProbe, lr: float, layer_decay: float | None) -> list[dict]:
+def encoder_groups(probe: SegmentationProbe, layer_decay: float | None) -> list[dict]:
     """Parameter groups: the head alone (frozen encoder), or every parameter with timm's layer-decay scales."""
     if layer_decay is None:
         return [{"params": list(probe.head.parameters()), "lr_scale": 1.0}]
@@ -72,7 +72,7 @@ def train_probe(probe: SegmentationProbe, batches, iters: int, batch_size: int, 
     Returns the loss every iteration (this rank's). Several ranks: DistributedDataParallel over what is
     trained. The progress line counts crops of all ranks (img/s, time left)."""
     rank, world = rank_and_world()
-    groups = encoder_groups(probe, lr, layer_decay)
+    groups = encoder_groups(probe, layer_decay)
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=0.0)
     trained = probe.head if layer_decay is None else probe
     trained.train()
