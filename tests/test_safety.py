@@ -14,7 +14,7 @@ import torch
 
 from moca_fast.config import ConfigError, load_config
 from moca_fast.train import checkpoint as ckpt
-from moca_fast.train.safe_load import CheckpointLoadError
+from moca_fast.io.safe_load import CheckpointLoadError
 from tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]

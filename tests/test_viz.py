@@ -20,12 +20,12 @@ from PIL import Image
 
 from moca_fast.config import load_config
 from moca_fast.data.demo import prepare_demo
-from moca_fast.eval.source import load_teacher
+from moca_fast.io.teacher import load_teacher
 from moca_fast.io import export_teacher_timm
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.viz import codes, curves, masks, neighbors, pca
 from moca_fast.viz.__main__ import main as viz_main
-from moca_fast.viz.images import encoder_tokens, find_images, load_images, patch_tokens
+from moca_fast.figures.images import encoder_tokens, find_images, load_images, patch_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 # the run: 20 train digits per class (200), batch 50 -> 4 steps an epoch; a k-NN (5 val digits per class)
@@ -333,7 +333,7 @@ def test_ctrl_c_during_a_command_ends_it_with_one_line(tmp_path):
 
 def test_a_long_title_stays_inside_the_figure():
     """A source path longer than the figure is wide is wrapped, not cut at the figure's edges."""
-    from moca_fast.viz.figure import new_figure, set_title
+    from moca_fast.figures.figure import new_figure, set_title
 
     fig = new_figure(4.0, 2.0)
     set_title(fig, "Masking rounds of a training step: checkpoint " + "/a/long/run/folder" * 12 + ", step 496\nline 2")

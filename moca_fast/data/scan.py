@@ -186,7 +186,7 @@ def _code(verdict: str) -> int:
 
 
 def _default_processes() -> int:
-    from moca_fast.train.cpu_threads import usable_cores
+    from moca_fast.cpu_threads import usable_cores
 
     return usable_cores()
 

@@ -1,6 +1,6 @@
 """What the four evaluation commands share: their common flags, start-up, result file, and one-line errors.
 
-Common flags: --checkpoint / --preset (the source, see moca_fast.eval.source), --data / --train / --val,
+Common flags: --checkpoint / --preset (the source, see moca_fast.io.teacher), --data / --train / --val,
 --output FILE.json, --batch-size, --num-workers, --seed. Started by torchrun / deepspeed (WORLD_SIZE > 1)
 each rank takes its share of the images (NCCL on GPUs, gloo on CPUs). A bad setting or input prints one
 line `error: ...` naming it and exits with status 2; the outputs are checked (a probe write) before any work.
@@ -24,7 +24,7 @@ from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, first_line, run_main
 from moca_fast.eval.data import Splits, load_splits, split_roots
-from moca_fast.eval.source import Teacher, load_teacher
+from moca_fast.io.teacher import Teacher, load_teacher
 from moca_fast.io.official import CheckpointError
 from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
 

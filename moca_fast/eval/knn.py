@@ -159,7 +159,7 @@ def knn_sweep_correct(bank: torch.Tensor, bank_labels: torch.Tensor, queries: to
 def _evaluate(argv, prog):
     from moca_fast.eval import cli
     from moca_fast.eval.data import extract
-    from moca_fast.eval.source import TeacherTokens
+    from moca_fast.io.teacher import TeacherTokens
 
     p = cli.parser("knn", "k-NN sweep on the teacher's L2-normalised [AVG] features (DINO voting, official grid).",
                    prog)

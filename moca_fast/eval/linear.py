@@ -97,7 +97,7 @@ def _augmented_batches(loader, tokens, feature, device, epoch: int):
 def _evaluate(argv):
     from moca_fast.eval import cli
     from moca_fast.eval.data import extract, train_loader
-    from moca_fast.eval.source import TeacherTokens
+    from moca_fast.io.teacher import TeacherTokens
 
     p = cli.parser("linear", __doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=100)

@@ -103,7 +103,7 @@ def _import_sklearn() -> None:
 def _evaluate(argv):
     from moca_fast.eval import cli
     from moca_fast.eval.data import extract, subset
-    from moca_fast.eval.source import TeacherTokens
+    from moca_fast.io.teacher import TeacherTokens
 
     p = cli.parser("lowshot", __doc__.split("\n\n")[0])
     p.add_argument("--subset", action="append", default=[], metavar="FILE", help="a subset file (repeatable)")

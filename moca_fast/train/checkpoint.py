@@ -35,7 +35,7 @@ from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.output_files import atomic_file, fsync_path
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
-from moca_fast.train.safe_load import install_weights_only_loading, safe_load
+from moca_fast.io.safe_load import install_weights_only_loading, safe_load
 
 log = logging.getLogger("moca_fast.train")
 

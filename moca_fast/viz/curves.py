@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moca_fast.config import ConfigError
 from moca_fast.viz import cli
-from moca_fast.viz.figure import TITLE_SIZE, new_figure, set_title
+from moca_fast.figures.figure import TITLE_SIZE, new_figure, set_title
 
 log = logging.getLogger("moca_fast.viz")
 

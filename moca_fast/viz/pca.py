@@ -20,8 +20,8 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import MinMaxScaler
 
 from moca_fast.viz import cli
-from moca_fast.viz.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample
-from moca_fast.viz.images import Images
+from moca_fast.figures.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample
+from moca_fast.figures.images import Images
 
 PAIRS_PER_ROW = 4
 HEADER = 0.7  # inches for the title lines
