@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
-    from moca_fast.config import load_config, parse_kv
+    from moca_fast.config import load_config
+    from moca_fast.config_parse import parse_kv
 
     preset = args.preset
     if preset is None and args.config is None and args.data is None:
@@ -76,7 +77,7 @@ def fresh_output(path: str) -> str:
 
 def known_error(error: Exception, output: str | None) -> tuple[int, str] | None:
     """(exit status, line) of the errors every rank has alike (moca_fast.train.run_guard's statuses)."""
-    from moca_fast.config import ConfigError
+    from moca_fast.errors import ConfigError
     from moca_fast.train.checkpoint import last_complete
     from moca_fast.train.run_guard import (EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError,
                                            disk_full, mount_point)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from moca_fast.train import checkpoint as ckpt
 
 

@@ -255,7 +255,7 @@ def test_the_stop_agreement_is_exact_one_step_after_the_signal():
 
 def test_node_local_checkpoint_storage_is_refused():
     """With it, local rank 0 of every node would write the model file into the one shared folder."""
-    from moca_fast.config import ConfigError
+    from moca_fast.errors import ConfigError
     from moca_fast.train.engine import merge_user_config
 
     with pytest.raises(ConfigError, match="'checkpoint.use_node_local_storage' is not accepted"):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moca_fast.config import ConfigError, load_config
-from moca_fast.train import checkpoint as ckpt
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from moca_fast.io.safe_load import CheckpointLoadError
+from moca_fast.train import checkpoint as ckpt
 from tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]

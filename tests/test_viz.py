@@ -20,12 +20,12 @@ from PIL import Image
 
 from moca_fast.config import load_config
 from moca_fast.data.demo import prepare_demo
-from moca_fast.io.teacher import load_teacher
+from moca_fast.figures.images import encoder_tokens, find_images, load_images, patch_tokens
 from moca_fast.io import export_teacher_timm
+from moca_fast.io.teacher import load_teacher
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.viz import codes, curves, masks, neighbors, pca
 from moca_fast.viz.__main__ import main as viz_main
-from moca_fast.figures.images import encoder_tokens, find_images, load_images, patch_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 # the run: 20 train digits per class (200), batch 50 -> 4 steps an epoch; a k-NN (5 val digits per class)

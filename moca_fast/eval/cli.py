@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, first_line, run_main
+from moca_fast.errors import ConfigError
+from moca_fast.errors import CheckpointError
 from moca_fast.eval.data import Splits, load_splits, split_roots
 from moca_fast.io.teacher import Teacher, load_teacher
-from moca_fast.io.official import CheckpointError
 from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
 
 

@@ -15,10 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from moca_fast.config import Config, ConfigError
+from moca_fast.config import Config
 from moca_fast.data import build_eval_loader, scan_on_rank0
 from moca_fast.data.scan import ImageList, open_rgb
 from moca_fast.distributed import rank_and_world
+from moca_fast.errors import ConfigError
 
 
 @dataclass

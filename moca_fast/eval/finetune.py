@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from moca_fast.config import ConfigError
 from moca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from moca_fast.errors import ConfigError
 
 HEAD_INIT_STD = 2e-5
 NEW_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.eval")
 

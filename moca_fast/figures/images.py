@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moca_fast.config import ConfigError
 from moca_fast.data.scan import ImageList, check_image, open_rgb, scan_images
 from moca_fast.data.transforms import EvalTransform, Normalizer
+from moca_fast.errors import ConfigError
 
 
 @dataclass

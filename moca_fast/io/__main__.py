@@ -14,7 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from moca_fast.config import PRESETS, check_preset_agrees, parse_kv
+from moca_fast.config import check_preset_agrees
+from moca_fast.config_parse import parse_kv
+from moca_fast.config_presets import PRESETS
 from moca_fast.output_files import check_output_file
 
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
+from moca_fast.errors import ConfigError
+from moca_fast.io.safe_load import install_weights_only_loading, safe_load
 from moca_fast.output_files import atomic_file, fsync_path
 from moca_fast.train.engine import barrier
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
-from moca_fast.io.safe_load import install_weights_only_loading, safe_load
 
 log = logging.getLogger("moca_fast.train")
 
@@ -289,7 +289,8 @@ def load_model_state(folder: str | os.PathLike) -> dict:
 def load_trained_model(checkpoint: str, device: torch.device | str = "cpu"):
     """(MOCA with the checkpoint's config and weights in fp32, its config, the checkpoint folder) of a
     checkpoint folder, or of a run folder's latest checkpoint."""
-    from moca_fast.config import Config, apply_overrides
+    from moca_fast.config import Config
+    from moca_fast.config_parse import apply_overrides
     from moca_fast.model.moca import MOCA
 
     folder = resolve_resume(checkpoint, checkpoint, flag="--checkpoint")

@@ -16,17 +16,18 @@ from pathlib import Path
 import torch
 
 from moca_fast import ending
-from moca_fast.config import Config, ConfigError, save_config
-from moca_fast.train import checkpoint as ckpt
+from moca_fast.config import Config, save_config
 from moca_fast.cpu_threads import set_intra_op_threads
+from moca_fast.errors import ConfigError
+from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
                                     resolve_precision)
+from moca_fast.figures.training import log_eval_figures, write_run_figures
 from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
-from moca_fast.figures.training import log_eval_figures, write_run_figures
 
 log = logging.getLogger("moca_fast.train")
 

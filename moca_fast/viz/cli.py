@@ -18,10 +18,10 @@ import torch
 
 from moca_fast.entry import OneLineParser, run_main
 from moca_fast.eval.cli import known_error, positive
-from moca_fast.io.teacher import Teacher, load_teacher
-from moca_fast.output_files import check_output_file
 from moca_fast.figures.figure import save_png, where
 from moca_fast.figures.images import Images, encoder_tokens, find_images, load_images, patch_tokens
+from moca_fast.io.teacher import Teacher, load_teacher
+from moca_fast.output_files import check_output_file
 
 
 class FigureParser(OneLineParser):

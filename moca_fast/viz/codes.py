@@ -21,12 +21,12 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
+from moca_fast.figures.figure import TITLE_SIZE, image_axis, new_figure, set_title, short_name, upsample
+from moca_fast.figures.images import Images
 from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.losses import assign_reference
 from moca_fast.viz import cli
-from moca_fast.figures.figure import TITLE_SIZE, image_axis, new_figure, set_title, short_name, upsample
-from moca_fast.figures.images import Images
 
 OTHER_WORDS = (0.85, 0.85, 0.85, 1.0)
 SHOWN_WORDS = 6  # rows of the "most used words" panel

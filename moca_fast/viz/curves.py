@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moca_fast.config import ConfigError
-from moca_fast.viz import cli
+from moca_fast.errors import ConfigError
 from moca_fast.figures.figure import TITLE_SIZE, new_figure, set_title
+from moca_fast.viz import cli
 
 log = logging.getLogger("moca_fast.viz")
 

@@ -19,9 +19,9 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import MinMaxScaler
 
-from moca_fast.viz import cli
 from moca_fast.figures.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample
 from moca_fast.figures.images import Images
+from moca_fast.viz import cli
 
 PAIRS_PER_ROW = 4
 HEADER = 0.7  # inches for the title lines
