@@ -1,6 +1,6 @@
 """The teacher's codebook assignment of each patch: the target the student learns to predict.
 
-The assignment is the training's reference path (moca_fast.model.losses.assign_reference) with the source's own
+The assignment is the training's reference path (moca_fast.reference_ops.assign_reference) with the source's own
 codebook and its sharpening inv_delta / dist_norm_prev: codes = softmax_K(inv_delta / dist_norm * cos(token,
 word)). Shown per image: the image; each patch coloured by its word (the argmax of its codes; the most used words
 each a colour, listed in the legend, the others grey); the entropy of its codes (nats; ln K is a uniform
@@ -25,7 +25,7 @@ from moca_fast.errors import ConfigError
 from moca_fast.figures.figure import TITLE_SIZE, image_axis, new_figure, set_title, short_name, upsample
 from moca_fast.figures.images import Images
 from moca_fast.model.codebook import OnlineCodebook
-from moca_fast.model.losses import assign_reference
+from moca_fast.reference_ops import assign_reference
 from moca_fast.viz import cli
 
 OTHER_WORDS = (0.85, 0.85, 0.85, 1.0)
