@@ -224,7 +224,7 @@ class Trainer:
         return epoch + in_epoch * self.cfg.grad_accum / len(self.loader)
 
     def knn_accuracy(self) -> dict:
-        from moca_fast.eval.knn import build_knn_loaders, knn_accuracy
+        from moca_fast.probes.knn import build_knn_loaders, knn_accuracy
 
         with torch.random.fork_rng(devices=[]):
             if self.knn_loaders is None:

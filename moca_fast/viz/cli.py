@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moca_fast.entry import OneLineParser, run_main
-from moca_fast.eval.cli import known_error, positive
+from moca_fast.entry import OneLineParser, known_error, positive, run_main
 from moca_fast.figures.figure import save_png, where
 from moca_fast.figures.images import Images, encoder_tokens, find_images, load_images, patch_tokens
 from moca_fast.io.teacher import Teacher, load_teacher

@@ -22,10 +22,10 @@ from matplotlib.patches import Patch
 from moca_fast.config import Config
 from moca_fast.data.scan import ImageList, scan_images
 from moca_fast.errors import ConfigError
-from moca_fast.eval.data import extract, subset
 from moca_fast.figures.figure import image_axis, new_figure, set_title, short_name
 from moca_fast.figures.images import Images, load_images
 from moca_fast.io.teacher import TeacherTokens
+from moca_fast.probes.features import extract, subset
 from moca_fast.viz import cli
 
 PANEL = 1.4
