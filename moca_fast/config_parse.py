@@ -80,7 +80,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         raise ConfigError(f"setting {name}={value!r}: {e}") from None
 
 
-def apply_overrides(cfg, overrides: dict[str, Any]) -> Config:
+def apply_overrides(cfg, overrides: dict[str, Any]):
+    """A copy of the Config `cfg` with `overrides` ({field name: value}) applied, each checked (_coerce)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     values = {}
     for key, value in overrides.items():

@@ -29,7 +29,7 @@ def _fixed_images(val_root: str, img_size: int):
 
 def teacher_figures(model, val_root: str, step: int, dtype: torch.dtype) -> dict:
     """{"pca", "codes"}: matplotlib figures of the model's teacher and codebook on the fixed images."""
-    from moca_fast.viz import codes, pca
+    from moca_fast.figures import codes, pca
     from moca_fast.figures.images import patch_tokens
 
     cfg = model.config
@@ -77,8 +77,8 @@ def write_run_figures(output: str | Path, model, val_root: str, step: int, dtype
 
 
 def _write_run_figures(output: Path, model, val_root: str, step: int, dtype: torch.dtype) -> list[Path]:
-    from moca_fast.train.run_log import tensorboard_writer
-    from moca_fast.viz.curves import curves_figure
+    from moca_fast.figures.tensorboard import tensorboard_writer
+    from moca_fast.figures.curves import curves_figure
     from moca_fast.figures.figure import save_png
 
     figures = {"curves": curves_figure([str(output)]), **teacher_figures(model, val_root, step, dtype)}
