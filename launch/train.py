@@ -66,7 +66,7 @@ def resolve_config(args: argparse.Namespace):
 
 def fresh_output(path: str) -> str:
     """path, else path_1, path_2, ...: the first run folder without checkpoints (so the demo can be rerun)."""
-    from moca_fast.train.checkpoint import CHECKPOINTS
+    from moca_fast.io.checkpoints import CHECKPOINTS
 
     candidate, n = path, 0
     while (Path(candidate) / CHECKPOINTS).exists():
@@ -78,7 +78,7 @@ def fresh_output(path: str) -> str:
 def known_error(error: Exception, output: str | None) -> tuple[int, str] | None:
     """(exit status, line) of the errors every rank has alike (moca_fast.train.run_guard's statuses)."""
     from moca_fast.errors import ConfigError
-    from moca_fast.train.checkpoint import last_complete
+    from moca_fast.io.checkpoints import last_complete
     from moca_fast.train.run_guard import (EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError,
                                            disk_full, mount_point)
     from moca_fast.train.step import NonFiniteLossError
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def last_complete() -> str:
-        from moca_fast.train.checkpoint import last_complete
+        from moca_fast.io.checkpoints import last_complete
 
         return last_complete(run["output"] or ".")
 

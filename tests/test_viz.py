@@ -24,8 +24,8 @@ from moca_fast.figures.codes import code_maps
 from moca_fast.figures.curves import curves_figure
 from moca_fast.figures.images import encoder_tokens, find_images, load_images, patch_tokens
 from moca_fast.io import export_teacher_timm
+from moca_fast.io import checkpoints
 from moca_fast.io.teacher import load_teacher
-from moca_fast.train import checkpoint as ckpt
 from moca_fast.viz import codes, masks, neighbors, pca
 from moca_fast.viz.__main__ import main as viz_main
 
@@ -131,14 +131,14 @@ def test_pca_colours_vary_across_the_patches_of_one_image(run):
 def _permute_codebook(run: Path, copy: Path, permutation: torch.Tensor) -> None:
     """copy: the run with its codebook's words reordered (digests re-recorded, as a real checkpoint has them)."""
     shutil.copytree(run, copy)
-    folder = ckpt.latest_checkpoint(copy)
-    state_file = next((folder / ckpt.DEEPSPEED_TAG).glob("mp_rank_*_model_states.pt"))
+    folder = checkpoints.latest_checkpoint(copy)
+    state_file = next((folder / checkpoints.DEEPSPEED_TAG).glob("mp_rank_*_model_states.pt"))
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     state["module"]["codebook.words"] = state["module"]["codebook.words"][permutation]
     torch.save(state, state_file)
-    meta = json.loads((folder / ckpt.META).read_text())
-    meta["files"] = ckpt.file_digests(folder)
-    (folder / ckpt.META).write_text(json.dumps(meta))
+    meta = json.loads((folder / checkpoints.META).read_text())
+    meta["files"] = checkpoints.file_digests(folder)
+    (folder / checkpoints.META).write_text(json.dumps(meta))
 
 
 def _legend_words(fig) -> list[int]:

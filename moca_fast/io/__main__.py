@@ -56,7 +56,7 @@ def _load(path: str, preset: str | None, overrides: dict):
             raise ValueError(f"--set {' '.join(overrides)}: {path} records its own config; --set applies only to "
                              f"an official checkpoint")
         if Path(path).is_dir():
-            from moca_fast.train.checkpoint import load_trained_model
+            from moca_fast.io.checkpoints import load_trained_model
 
             model = load_trained_model(path)[0]
         else:

@@ -85,7 +85,7 @@ def _weights_mismatch(path, e: RuntimeError) -> ConfigError:
 
 
 def _from_folder(folder: str) -> Teacher:
-    from moca_fast.train.checkpoint import load_trained_model, read_meta
+    from moca_fast.io.checkpoints import load_trained_model, read_meta
 
     try:
         model, cfg, found = load_trained_model(folder, "cpu")

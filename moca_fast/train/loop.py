@@ -19,6 +19,7 @@ from moca_fast import ending
 from moca_fast.config import Config, save_config
 from moca_fast.cpu_threads import set_intra_op_threads
 from moca_fast.errors import ConfigError
+from moca_fast.io import checkpoints
 from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
                                     resolve_precision)
@@ -117,10 +118,10 @@ class Trainer:
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.resume_from = ckpt.resolve_resume(resume, self.output)
+        self.resume_from = checkpoints.resolve_resume(resume, self.output)
         self.resume_meta = None
         if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
-            self.resume_meta = ckpt.read_meta(self.resume_from)
+            self.resume_meta = checkpoints.read_meta(self.resume_from)
             _situation(f"before step {self.resume_meta['step'] + 1}: {_saved_at(self.resume_meta['step'])}")
             check_resume_settings(self.resume_meta["config"], cfg.to_dict(), RUN_FIELDS)
         self.lock = lock_run_folder(self.output, self.dist.is_main, self.dist.device)
@@ -327,7 +328,7 @@ class Trainer:
                 train_step(self.engine, _rng_isolated(batches), momentum, self.dtype, totals)
                 self.step += 1
                 if end.mode != ending.DEFERRED:  # a step to save from now on: a stop is agreed at a step and saved
-                    end.deferred(lambda: ckpt.last_complete(self.output))
+                    end.deferred(lambda: checkpoints.last_complete(self.output))
                 run_log.advance()
                 lr, wd = self.schedules.group_values(epoch_float)["decay"]
                 interval["values"] = {"lr": lr, "wd": wd, "lr_wgen": self.schedules.lr_wgen, "momentum": momentum}
