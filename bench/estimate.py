@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moca_fast.config import ConfigError, load_config, parse_kv  # noqa: E402
+from moca_fast.config import load_config  # noqa: E402
+from moca_fast.config_parse import parse_kv  # noqa: E402
+from moca_fast.errors import ConfigError  # noqa: E402
 
 GIB = 1024**3
 #: bf16 dense matmul ceilings measured on the device (DESIGN.md §4), TFLOP/s

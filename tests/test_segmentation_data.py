@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from moca_fast.data import segmentation_demo
 from moca_fast.data.segmentation import (CITYSCAPES_LABEL_IDS, IGNORE, load_segmentation)
 from moca_fast.data.segmentation_loader import EndlessBatches, TrainCrops, endless_draws

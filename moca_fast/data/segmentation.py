@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.data")
 

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from moca_fast.data.segmentation import SHOWN_NAMES, load_segmentation
 from moca_fast.data.segmentation_demo import prepare_segmentation_demo
 from moca_fast.data.segmentation_loader import SCALE, EndlessBatches, TrainCrops, WholeImages, one_image
 from moca_fast.eval import cli
-from moca_fast.eval.source import random_teacher
+from moca_fast.io.teacher import random_teacher
 from moca_fast.probes.segmentation_cache import cached_batches, window_features
 from moca_fast.probes.segmentation_examples import write_examples
 from moca_fast.probes.segmentation_head import FEATURES, SegmentationProbe

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from moca_fast.data.segmentation import SegmentationSet
 from moca_fast.output_files import atomic_file
 

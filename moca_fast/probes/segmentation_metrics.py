@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = 255
+from moca_fast.data.segmentation import IGNORE
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
