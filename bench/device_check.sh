@@ -23,7 +23,7 @@
 # fast step instead), then the kernels (whose JSON is rewritten after each row, as throughput's after each
 # variant, so a stage cut short still reports what it finished).
 # Limits in seconds (overridable; they sum to the 6 minutes, what each stage really takes on a GPU is not
-# measured yet): the wheels' install 30 (assemble_site), ENV_S 30, the deepspeed probe 20, STEP_S 180,
+# measured yet): the wheels' install 30 (assemble_site), ENV_S 30, the deepspeed probe PROBE_S 20, STEP_S 180,
 # KERNELS_S 100. Within the training step the variants run most valuable first, too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +81,7 @@ esac
 OUT=${OUT:-bench_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-ENV_S=${ENV_S:-30} STEP_S=${STEP_S:-180} KERNELS_S=${KERNELS_S:-100}
+ENV_S=${ENV_S:-30} STEP_S=${STEP_S:-180} KERNELS_S=${KERNELS_S:-100} PROBE_S=${PROBE_S:-20}
 : > "$OUT/stages.tsv"
 
 stage() {  # name limit_s log command...: runs command under its limit, records name, exit status and seconds
@@ -98,7 +98,7 @@ assemble_site > "$OUT/setup.log" 2>&1
 printf 'setup\t0\t%s\t-\n' "$((SECONDS - start))" >> "$OUT/stages.tsv"
 
 stage environment "$ENV_S" "$OUT/env.log" python3 -P bench/device_report.py env --out "$OUT/env.json"
-if timeout 20 python3 -P -c "import deepspeed" > /dev/null 2>&1; then
+if timeout "$PROBE_S" python3 -P -c "import deepspeed" > /dev/null 2>&1; then
     variants=reference,trainer_fast,trainer_fast_zero0,trainer,trainer_zero0
 else
     variants=reference,fast
