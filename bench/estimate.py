@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import write_json  # noqa: E402
-from moca_fast.config import Config, ConfigError, load_config, parse_kv  # noqa: E402
+from moca_fast.config import Config, load_config  # noqa: E402
+from moca_fast.config_parse import parse_kv  # noqa: E402
+from moca_fast.errors import ConfigError  # noqa: E402
 from moca_fast.fakegpu import MemoryTracker, convert_module, fake_gpu  # noqa: E402
 from moca_fast.fakegpu.compiled import compile_like_inductor  # noqa: E402
 from moca_fast.model.fastpath import FastOptions, prepare_fast, trainer_fast_options  # noqa: E402
