@@ -1,8 +1,8 @@
 """End-to-end training throughput: reference vs fast path, side by side in one run.
 
-    python bench/throughput.py                     # ViT-B/16, batch 256, bf16, synthetic data, CUDA
-    python bench/throughput.py --data /imagenet    # the same with the real loader in the loop
-    python bench/throughput.py --small             # CI smoke run: tiny preset on the CPU, seconds
+    python -m bench throughput                     # ViT-B/16, batch 256, bf16, synthetic data, CUDA
+    python -m bench throughput --data /imagenet    # the same with the real loader in the loop
+    python -m bench throughput --small             # CI smoke run: tiny preset on the CPU, seconds
 
 Per variant (bench/steps.py): img/s (an image = one pair of views), median step time, MFU, peak
 memory. MFU = FLOPs of one step counted by torch.utils.flop_counter on the reference path (the

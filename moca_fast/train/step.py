@@ -62,7 +62,7 @@ def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], mom
     batches yields (x1, x2) float32 [B, 3, H, W] on the device; they are cast to `dtype` (the
     engine's parameter dtype). The mean over micro-steps of the loss terms, [3] (loss, loss_img,
     loss_loc) on the device, goes to `totals` and is returned. The engine's backward and step run
-    in the profiler ranges "train.backward" and "train.optimizer" (bench/profile.py reads them).
+    in the profiler ranges "train.backward" and "train.optimizer" (python -m bench profile reads them).
     """
     accumulation = engine.gradient_accumulation_steps()
     terms = 0.0
