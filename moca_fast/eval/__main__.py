@@ -1,4 +1,4 @@
-"""python -m moca_fast.eval {knn,linear,lowshot,finetune} [flags]  (each: --help)."""
+"""python -m moca_fast.eval {knn,linear,lowshot,finetune,segment} [flags]  (each: --help)."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import sys
 from moca_fast.subcommands import dispatch
 
 PROTOCOLS = {"knn": "k-NN sweep", "linear": "linear probe", "lowshot": "low-shot logistic regression",
-             "finetune": "full fine-tuning"}
+             "finetune": "full fine-tuning", "segment": "semantic segmentation probes (linear, fine-tuned, low-shot)"}
 
 
 def main(argv: list[str] | None = None) -> int:

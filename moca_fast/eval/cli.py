@@ -27,15 +27,18 @@ from moca_fast.io.teacher import Teacher, load_teacher
 from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
 
 
-def parser(protocol: str, doc: str, prog: str | None = None) -> OneLineParser:
+def parser(protocol: str, doc: str, prog: str | None = None, data_help: str | None = None) -> OneLineParser:
+    """The common flags; data_help (a command whose data are not class folders): --data's help, and no
+    --train / --val."""
     p = OneLineParser(prog=prog or f"python -m moca_fast.eval {protocol}", description=doc,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="run folder, checkpoint folder, model file, official checkpoint "
                                         "(with --preset) or timm export; absent: --preset at random init")
     p.add_argument("--preset", help="architecture of an official checkpoint, or the randomly initialised preset")
-    p.add_argument("--data", help="folder with train/ and val/ class sub-folders, or 'demo'")
-    p.add_argument("--train", help="training folder (class sub-folders); overrides --data")
-    p.add_argument("--val", help="validation folder (class sub-folders); overrides --data")
+    p.add_argument("--data", help=data_help or "folder with train/ and val/ class sub-folders, or 'demo'")
+    if data_help is None:
+        p.add_argument("--train", help="training folder (class sub-folders); overrides --data")
+        p.add_argument("--val", help="validation folder (class sub-folders); overrides --data")
     p.add_argument("--output", default=f"eval_{protocol}.json", help="result JSON (checked for writability first)")
     p.add_argument("--batch-size", type=int, help="images per rank and batch")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes")
@@ -52,8 +55,11 @@ def _check_outputs(output: str, folders: dict[str, str]) -> None:
 class Session:
     """Process group, device, the teacher and the data of one evaluation command."""
 
-    def __init__(self, args: argparse.Namespace, default_batch: int, output_folders: dict[str, str] | None = None):
-        """output_folders: {flag: folder} the command will write in, checked with --output before any work."""
+    def __init__(self, args: argparse.Namespace, default_batch: int, output_folders: dict[str, str] | None = None,
+                 class_folders: bool = True):
+        """output_folders: {flag: folder} the command will write in, checked with --output before any work.
+        class_folders: read --data / --train / --val as class folders (self.splits); else the command reads
+        its data itself."""
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -68,7 +74,8 @@ class Session:
         if args.num_workers is not None:
             cfg = cfg.replace(num_workers=positive("--num-workers", args.num_workers, 0))
         self.cfg = cfg
-        self.splits: Splits = load_splits(*split_roots(args.data, args.train, args.val, cfg), cfg)
+        if class_folders:
+            self.splits: Splits = load_splits(*split_roots(args.data, args.train, args.val, cfg), cfg)
 
     @property
     def is_main(self) -> bool:

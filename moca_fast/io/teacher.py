@@ -49,13 +49,7 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
     if checkpoint is None:
         if preset is None:
             raise ConfigError("give --checkpoint (run folder, checkpoint folder or file) or --preset")
-        cfg = _preset(preset)
-        from moca_fast.model.moca import MOCA
-
-        torch.manual_seed(cfg.seed)  # as launch/train.py does before building the model
-        model = MOCA(cfg, 1)
-        teacher = Teacher(model.teacher, cfg, f"preset {preset} at random initialisation (seed {cfg.seed})",
-                          model.codebook)
+        teacher = random_teacher(_preset(preset), f"preset {preset}")
     elif not Path(checkpoint).exists():
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder, run folder or file (no such path)")
     elif Path(checkpoint).is_dir():
@@ -69,6 +63,19 @@ def load_teacher(checkpoint: str | None, preset: str | None, device) -> Teacher:
     teacher.encoder = teacher.encoder.to(device).float().eval().requires_grad_(False)
     if teacher.codebook is not None:
         teacher.codebook = teacher.codebook.to(device).float()
+    return teacher
+
+
+def random_teacher(cfg: Config, what: str, device=None) -> Teacher:
+    """The teacher of `cfg` as training starts (seed cfg.seed), described as `what` at random initialisation;
+    on `device` (fp32, eval mode) when given."""
+    from moca_fast.model.moca import MOCA
+
+    torch.manual_seed(cfg.seed)  # as launch/train.py does before building the model
+    model = MOCA(cfg, 1)
+    teacher = Teacher(model.teacher, cfg, f"{what} at random initialisation (seed {cfg.seed})", model.codebook)
+    if device is not None:
+        teacher.encoder = teacher.encoder.to(device).float().eval().requires_grad_(False)
     return teacher
 
 
