@@ -80,6 +80,9 @@ class Config:
     data: str | None = None  # folder of images (class sub-folders or flat); None: the demo set
     data_backend: str = "auto"  # "auto", "dali", "torch", "synthetic"
     crop_min: float = 0.2
+    # torch backend: the colour operations "workers" (PIL, per image), "device" (batched on the device, the
+    # workers only decode, crop and flip) or "auto" (device on a GPU, workers on the CPU)
+    photometric_on: str = "auto"
     num_workers: int = 8
     bad_files: str = "skip"  # "skip" (count and log) or "error" (one line naming the file)
     # --- run ---
@@ -196,6 +199,8 @@ class Config:
             raise ConfigError(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
         if self.bad_files not in ("skip", "error"):
             raise ConfigError(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
+        if self.photometric_on not in ("auto", "device", "workers"):
+            raise ConfigError(f"photometric_on={self.photometric_on!r} must be one of auto, device, workers")
         check_ranges(self, DATA_FIELDS)
         return self
 
