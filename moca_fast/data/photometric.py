@@ -128,11 +128,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     fs_frac = (fs * frac).to(f32).to(f64)  # float * float in C
     p, q, t = (torch.floor(v * w + 0.5).clamp_(0, 255) for w in (1.0 - fs, 1.0 - fs_frac, 1.0 - fs * (1.0 - frac)))
     sector = sector.to(torch.int64) % 6
-    table = torch.stack([torch.stack(c, dim=0) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                        (v, p, q))], dim=0)  # [6, 3, B, H, W]
-    out = table.gather(0, sector.unsqueeze(0).unsqueeze(0).expand(1, 3, *sector.shape))[0]
-    out = torch.where((sat == 0).unsqueeze(0), v.unsqueeze(0), out)
-    return out.permute(1, 0, 2, 3).to(torch.uint8)
+
+    def pick(*by_sector):  # the value of each pixel's sector: by_sector[k] for sector k
+        out = by_sector[5]
+        for k in range(4, -1, -1):
+            out = torch.where(sector == k, by_sector[k], out)
+        return out
+
+    out = torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], dim=1)
+    return torch.where((sat == 0).unsqueeze(1), v.unsqueeze(1), out).to(torch.uint8)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -172,33 +176,40 @@ class Photometric(torch.nn.Module):
     """uint8 [B, 3, H, W] views (any device) + float64 [B, len(COLUMNS)] parameters (pack_params) on the CPU ->
     uint8 [B, 3, H, W]: each sample's photometric operations, in the official order.
 
-    The parameters stay on the host, so deciding which operations a batch needs costs no device sync; an operation
-    is computed for the whole batch only when some sample uses it, and kept where it does."""
+    The parameters stay on the host: which samples an operation applies to is known without a device sync, and
+    each operation runs on those samples only."""
 
     def forward(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        col = {name: params[:, i] for name, i in _COL.items()}
-        jitter = col["jitter"] > 0
+        jitter = params[:, _COL["jitter"]] > 0
         for slot in range(len(JITTER_OPS)):
             for index, name in enumerate(JITTER_OPS):
-                x = _apply(jitter & (col[f"order{slot}"] == index), lambda y, n=name: _jitter(n, y, col), x)
-        x = _apply(col["grayscale"] > 0, grayscale, x)
-        x = _apply(col["blur"] > 0, lambda y: gaussian_blur(y, col["blur_radius"], col["blur_ww"], col["blur_fw"]), x)
-        return _apply(col["solarize"] > 0, solarize, x)
+                x = _apply(x, params, jitter & (params[:, _COL[f"order{slot}"]] == index), _JITTERS[name])
+        x = _apply(x, params, params[:, _COL["grayscale"]] > 0, lambda y, _: grayscale(y))
+        x = _apply(x, params, params[:, _COL["blur"]] > 0, lambda y, p: gaussian_blur(
+            y, *(p[:, _COL[name]] for name in ("blur_radius", "blur_ww", "blur_fw"))))
+        return _apply(x, params, params[:, _COL["solarize"]] > 0, lambda y, _: solarize(y))
 
 
 def _on(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.to(x.device, non_blocking=True)
 
 
-def _apply(mask: torch.Tensor, op, x: torch.Tensor) -> torch.Tensor:
-    """op(x) where mask [B] (host) is set, x elsewhere; x itself when no sample needs op."""
-    if not bool(mask.any()):
+def _apply(x: torch.Tensor, params: torch.Tensor, mask: torch.Tensor, op) -> torch.Tensor:
+    """x with op(samples, their parameters) in place of the samples where mask [B] (host) is set."""
+    rows = mask.nonzero().flatten()
+    if len(rows) == len(mask):
+        return op(x, params)
+    if len(rows) == 0:
         return x
-    return torch.where(_per_sample(_on(mask, x)), op(x), x)
+    on_device = _on(rows, x)
+    return x.index_copy(0, on_device, op(x.index_select(0, on_device), params[rows]))
 
 
-def _jitter(name: str, x: torch.Tensor, col: dict) -> torch.Tensor:
-    if name == "hue":
-        return adjust_hue(x, _on(col["hue_shift"], x).to(torch.int32))
-    adjust = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation}[name]
-    return adjust(x, _on(col[name], x).to(torch.float32))
+def _blend_op(adjust, column: str):
+    return lambda x, p: adjust(x, _on(p[:, _COL[column]], x).to(torch.float32))
+
+
+_JITTERS = {"brightness": _blend_op(adjust_brightness, "brightness"),
+            "contrast": _blend_op(adjust_contrast, "contrast"),
+            "saturation": _blend_op(adjust_saturation, "saturation"),
+            "hue": lambda x, p: adjust_hue(x, _on(p[:, _COL["hue_shift"]], x).to(torch.int32))}
