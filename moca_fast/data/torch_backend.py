@@ -181,7 +181,9 @@ class TorchTwoViewLoader(LoaderPosition):
 
     backend = "torch"
 
-    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device):
+    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device, read_views=None):
+        """read_views(path, rng) -> the sample's tensors: the workers' work per image, by default the PIL path's
+        or the split path's (cfg.photometric_on); another one (a benchmark's) is iterated with host_batches."""
         self.device = torch.device(device)
         self.num_images = len(images)
         self.skipped = list(images.skipped)
@@ -190,9 +192,9 @@ class TorchTwoViewLoader(LoaderPosition):
                                 source=f"data folder {images.root}")
         self._sampler = ShardBatchSampler(self.shard)
         self.split = photometric_on_device(cfg.photometric_on, self.device)
-        if self.split:
+        if read_views is None and self.split:
             read_views = CropFlipTwoViews(cfg.img_size, cfg.crop_min)
-        else:
+        elif read_views is None:
             read_views = _PilTwoViews(TwoViewTransform(cfg.img_size, cfg.crop_min))
         if rank == 0:
             log.info("photometric operations: %s", f"batched on {self.device.type}" if self.split else "in the workers")
