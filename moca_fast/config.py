@@ -78,7 +78,7 @@ class Config:
     seed: int = 0
     # --- data ---
     data: str | None = None  # folder of images (class sub-folders or flat); None: the demo set
-    data_backend: str = "auto"  # "auto", "dali", "torch", "synthetic"
+    data_backend: str = "auto"  # "auto", "dali", "nvjpeg", "torch", "synthetic"
     crop_min: float = 0.2
     # torch backend: the colour operations "workers" (PIL, per image), "device" (batched on the device, the
     # workers only decode, crop and flip) or "auto" (device on a GPU, workers on the CPU)
@@ -195,8 +195,8 @@ class Config:
 
     def validate_data(self) -> "Config":
         """The data settings alone (what a loader needs, whatever the model)."""
-        if self.data_backend not in ("auto", "dali", "torch", "synthetic"):
-            raise ConfigError(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
+        if self.data_backend not in DATA_BACKENDS:
+            raise ConfigError(f"data_backend={self.data_backend!r} must be one of {', '.join(DATA_BACKENDS)}")
         if self.bad_files not in ("skip", "error"):
             raise ConfigError(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
         if self.photometric_on not in ("auto", "device", "workers"):
@@ -241,6 +241,7 @@ FIELD_RANGES: dict[str, tuple] = {
     "seed": (0, 2**63, True, False),
 }
 DATA_FIELDS = ("crop_min", "num_workers")
+DATA_BACKENDS = ("auto", "dali", "nvjpeg", "torch", "synthetic")
 PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
 
 

@@ -181,9 +181,11 @@ class TorchTwoViewLoader(LoaderPosition):
 
     backend = "torch"
 
-    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device, read_views=None):
+    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device, read_views=None,
+                 collate=_collate_two_views):
         """read_views(path, rng) -> the sample's tensors: the workers' work per image, by default the PIL path's
-        or the split path's (cfg.photometric_on); another one (a benchmark's) is iterated with host_batches."""
+        or the split path's (cfg.photometric_on); another one (a benchmark's, a subclass's) comes with the collate
+        function of its samples, and is iterated with host_batches."""
         self.device = torch.device(device)
         self.num_images = len(images)
         self.skipped = list(images.skipped)
@@ -199,7 +201,7 @@ class TorchTwoViewLoader(LoaderPosition):
         if rank == 0:
             log.info("photometric operations: %s", f"batched on {self.device.type}" if self.split else "in the workers")
         self._loader = data_loader(_TwoViewDataset(images.files, read_views, cfg.seed), self.device, cfg.num_workers,
-                                    persistent=True, batch_sampler=self._sampler, collate_fn=_collate_two_views)
+                                    persistent=True, batch_sampler=self._sampler, collate_fn=collate)
         self._normalize = Normalizer(self.device)
         self._photometric = Photometric()
 
