@@ -142,3 +142,18 @@ def test_photometric_on_auto_keeps_the_workers_on_the_cpu_and_refuses_unknown_va
     assert photometric_on_device("device", torch.device("cpu"))
     with pytest.raises(ConfigError, match="photometric_on='gpu' must be one of auto, device, workers"):
         load_config("tiny", overrides=dict(photometric_on="gpu")).validate_data()
+
+
+def test_split_loader_resumes_at_the_saved_step_with_the_same_batches(tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "c0").mkdir()
+    for i in range(12):
+        photo(rng, 40, 50).save(tmp_path / "c0" / f"{i}.jpg")
+    cfg = load_config("tiny", overrides=dict(data=str(tmp_path), data_backend="torch", img_size=24, batch_size=4,
+                                             num_workers=0, seed=8, photometric_on="device"))
+    full = collect(build_train_loader(cfg))
+    resumed = build_train_loader(cfg)
+    resumed.load_state_dict({"epoch": 0, "step": 2})
+    rest = collect(resumed)
+    assert len(full) == 3 and len(rest) == 1
+    assert torch.equal(rest[0][0], full[2][0]) and torch.equal(rest[0][1], full[2][1])
