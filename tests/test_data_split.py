@@ -157,3 +157,15 @@ def test_split_loader_resumes_at_the_saved_step_with_the_same_batches(tmp_path):
     rest = collect(resumed)
     assert len(full) == 3 and len(rest) == 1
     assert torch.equal(rest[0][0], full[2][0]) and torch.equal(rest[0][1], full[2][1])
+
+
+def test_a_checkpoint_from_before_the_setting_or_with_another_value_resumes():
+    from moca_fast.train.loop import RUN_FIELDS
+    from moca_fast.train.run_guard import check_resume_settings
+
+    new = load_config("tiny").to_dict()
+    older = {k: v for k, v in new.items() if k != "photometric_on"}
+    check_resume_settings(older, new, RUN_FIELDS)
+    check_resume_settings({**new, "photometric_on": "workers"}, new, RUN_FIELDS)
+    with pytest.raises(ConfigError, match="crop_min"):
+        check_resume_settings({**new, "crop_min": 0.3}, new, RUN_FIELDS)
