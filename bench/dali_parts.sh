@@ -9,7 +9,7 @@
 #                                        part and of the tar) and prints the exact sequence of runs;
 #   bash bench/dali_parts.sh check K     ON THE DEVICE, runs 0..N-2: part K arrived whole (sha256);
 #   bash bench/dali_parts.sh join        ON THE DEVICE, the last run: every part whole, joined, the wheels
-#                                        unpacked into .whl/, where bench/device_env.sh installs them (set
+#                                        unpacked into .whl/, where bench/device_check.sh installs them (set
 #                                        WHEELS_S=150: the DALI wheels take longer than deepspeed's to unpack).
 # A missing or damaged part is one line naming it and exit status 2; the runs to resend are the parts named.
 # 56M parts: one part plus .whl/'s deepspeed wheels (5 MB) stay under the 64 MiB of one run.
