@@ -31,8 +31,11 @@ COMMANDS = {
     "data": ("data.py", "Loader only: image pairs per second out of each data backend, no model"),
     "scale": ("scale.py", "At ImageNet scale: scan speed, time to first step, worker memory, loader cost "
                           "(extrapolated)"),
-    "device-check": ("device_check.sh", "The prepared run on a lent GPU: environment, training step, kernels "
-                                        "(--small: CPU dry run; --wheels: collect deepspeed's wheels first)"),
+    "device-check": ("device_check.sh", "The prepared run on a lent GPU: environment, training step, kernels, "
+                                        "input pipeline (--small: CPU dry run; --wheels: collect deepspeed's "
+                                        "wheels first)"),
+    "dali-parts": ("dali_parts.sh", "DALI's wheels to the lent GPU in parts: pack here, check each part per run, "
+                                    "join on the last"),
 }
 
 

@@ -17,6 +17,9 @@
 #      syncs in one more step (torch.cuda's sync debug mode + torch.cuda.synchronize calls); trainer_fast and
 #      trainer_fast_zero0 are then timed again with the DeepSpeed defaults the trainer turns off put back
 #      (moca_fast/train/host_syncs.py; 2 + 10 more steps each, "x DS dflt");
+#   5. the input pipeline (bench/data.py): DALI's mixed (nvJPEG) two-view pipeline when DALI is there (sent in
+#      parts by bench/dali_parts.sh, BENCHMARKS.md has the sequence of runs), the nvjpeg backend, the torch
+#      backend, the split path's CPU work and its device part per batch;
 #   then one summary table of every stage. JSON and each stage's full log go to $OUT.
 # The stages run in order of value, each under its own time limit so one hang cannot take the rest: the
 # environment, then the training step (the issue's targets; without deepspeed it times the benches' own
@@ -24,7 +27,7 @@
 # variant, so a stage cut short still reports what it finished).
 # Limits in seconds (overridable; they sum to the 6 minutes, what each stage really takes on a GPU is not
 # measured yet): the wheels' install 30 (assemble_site), ENV_S 30, the deepspeed probe PROBE_S 20, STEP_S 180,
-# KERNELS_S 100. Within the training step the variants run most valuable first, too.
+# KERNELS_S 100; then INPUT_S 90 (7.5 minutes in all: timeout_s 480; with DALI's wheels WHEELS_S=150). Within the training step the variants run most valuable first, too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,7 +63,7 @@ assemble_site() {  # the package as the device can import it; exports PYTHONPATH
     rm -rf "$DEVICE_SITE/moca_fast/kernels"
     cp -r kernels "$DEVICE_SITE/moca_fast/kernels"
     if compgen -G ".whl/*.whl" > /dev/null; then
-        timeout 30 python3 -P -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        timeout "${WHEELS_S:-30}" python3 -P -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --target "$DEVICE_SITE" .whl/*.whl \
             && echo "carried wheels: installed $(ls .whl | tr '\n' ' ')" \
             || echo "carried wheels: install failed (the trainer variants will report deepspeed missing)"
@@ -81,7 +84,7 @@ esac
 OUT=${OUT:-bench_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-ENV_S=${ENV_S:-30} STEP_S=${STEP_S:-180} KERNELS_S=${KERNELS_S:-100} PROBE_S=${PROBE_S:-20}
+ENV_S=${ENV_S:-30} STEP_S=${STEP_S:-180} KERNELS_S=${KERNELS_S:-100} PROBE_S=${PROBE_S:-20} INPUT_S=${INPUT_S:-90}
 : > "$OUT/stages.tsv"
 
 stage() {  # name limit_s log command...: runs command under its limit, records name, exit status and seconds
@@ -108,6 +111,10 @@ if [ ${#SMALL[@]} -gt 0 ]; then STEPS=(--steps 1); fi  # the dry run: one timed 
 stage training_step "$STEP_S" "$OUT/throughput.log" \
     python3 bench/throughput.py "${SMALL[@]}" "${STEPS[@]}" --variants "$variants" --out "$OUT/throughput.json"
 stage kernels "$KERNELS_S" "$OUT/kernels.log" python3 bench/kernels.py "${SMALL[@]}" --out "$OUT/kernels.json"
+INPUT_SIZE=(--images 256 --steps 8)
+if [ ${#SMALL[@]} -gt 0 ]; then INPUT_SIZE=(); fi
+stage input "$INPUT_S" "$OUT/input.log" python3 bench/data.py "${SMALL[@]}" "${INPUT_SIZE[@]}" --split \
+    --backends dali-gpu,nvjpeg,torch,split-host --out "$OUT/input.json"
 rm -rf "$DEVICE_SITE"
 
 echo "== 1. environment ($(tail -n 1 "$OUT/setup.log"))"
@@ -116,5 +123,7 @@ echo "== 2-3. fused ops vs reference, kernel timings: bench/kernels.py (log $OUT
 grep -v -e '^\[' -e '^wrote ' "$OUT/kernels.log" | tail -n 40
 echo "== 4. training step: bench/throughput.py --variants $variants (log $OUT/throughput.log)"
 grep -v -e '^wrote ' "$OUT/throughput.log" | tail -n 14
+echo "== 5. input pipeline: bench/data.py (log $OUT/input.log)"
+grep -v -e '^wrote ' -e '^not using' -e ': hidden$' "$OUT/input.log" | tail -n 9
 python3 -P bench/device_report.py summary "$OUT"
 ! cut -f2 "$OUT/stages.tsv" | grep -qv '^0$'

@@ -187,6 +187,7 @@ def summary_rows(out: Path) -> list[tuple[str, str]]:
         timed = kernels.get("rows") or []
         done = sum(1 for r in timed if isinstance(r, dict) and (r.get("fused") or {}).get("status") == "ok")
         rows.append(("kernel timings", f"{done} of {len(timed)} rows timed (fused ok); table above"))
+    rows += input_rows(_load(out / "input.json"))
     throughput = _load(out / "throughput.json")
     if throughput is None:
         rows.append(("training step", "no throughput.json"))
@@ -204,6 +205,26 @@ def summary_rows(out: Path) -> list[tuple[str, str]]:
             else:
                 text = r.get("status", "?")
             rows.append((f"step {name}", text))
+    return rows
+
+
+def input_rows(data: dict | None) -> list[tuple[str, str]]:
+    """bench/data.py's rows (pairs/s, pairs per CPU-second) and the split path's device part."""
+    if data is None:
+        return [("input pipeline", "no input.json")]
+    rows = []
+    for r in data.get("rows", []):
+        if r.get("status") == "ok":
+            text = f"{r['pairs_per_s']:.0f} pairs/s"
+            if r.get("pairs_per_cpu_s"):
+                text += f", {r['pairs_per_cpu_s']:.0f} pairs per CPU-second"
+        else:
+            text = r.get("status", "?")
+        rows.append((f"input {r.get('backend')}", text))
+    part = (data.get("split") or {}).get("device_part")
+    if part:
+        rows.append(("input device part", f"{part['ms_per_batch']:.1f} ms per batch of {part['batch']} on "
+                                          f"{part['device']}"))
     return rows
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moca_fast.config_checks import DATA_FIELDS, check_output_folder, check_ranges
+from moca_fast.config_checks import DATA_BACKENDS, DATA_FIELDS, check_output_folder, check_ranges
 from moca_fast.config_file import read_config_file
 from moca_fast.config_parse import apply_overrides
 from moca_fast.config_presets import DEFAULT_PRESET, PRESETS, check_preset
@@ -81,8 +81,11 @@ class Config:
     seed: int = 0
     # --- data ---
     data: str | None = None  # folder of images (class sub-folders or flat); None: the demo set
-    data_backend: str = "auto"  # "auto", "dali", "torch", "synthetic"
+    data_backend: str = "auto"  # "auto", "dali", "nvjpeg", "torch", "synthetic"
     crop_min: float = 0.2
+    # torch backend: the colour operations "workers" (PIL, per image), "device" (batched on the device, the
+    # workers only decode, crop and flip) or "auto" (device on a GPU, workers on the CPU)
+    photometric_on: str = "auto"
     num_workers: int = 8
     bad_files: str = "skip"  # "skip" (count and log) or "error" (one line naming the file)
     # --- run ---
@@ -195,10 +198,12 @@ class Config:
 
     def validate_data(self) -> "Config":
         """The data settings alone (what a loader needs, whatever the model)."""
-        if self.data_backend not in ("auto", "dali", "torch", "synthetic"):
-            raise ConfigError(f"data_backend={self.data_backend!r} must be one of auto, dali, torch, synthetic")
+        if self.data_backend not in DATA_BACKENDS:
+            raise ConfigError(f"data_backend={self.data_backend!r} must be one of {', '.join(DATA_BACKENDS)}")
         if self.bad_files not in ("skip", "error"):
             raise ConfigError(f"bad_files={self.bad_files!r} must be 'skip' or 'error'")
+        if self.photometric_on not in ("auto", "device", "workers"):
+            raise ConfigError(f"photometric_on={self.photometric_on!r} must be one of auto, device, workers")
         check_ranges(self, DATA_FIELDS)
         return self
 

@@ -34,6 +34,7 @@ FIELD_RANGES: dict[str, tuple] = {
     "seed": (0, 2**63, True, False),
 }
 DATA_FIELDS = ("crop_min", "num_workers")
+DATA_BACKENDS = ("auto", "dali", "nvjpeg", "torch", "synthetic")
 PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
 
 

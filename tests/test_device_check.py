@@ -26,7 +26,7 @@ def test_device_check_dry_run_reports_every_stage_from_the_assembled_package(tmp
     assert env["pieces"]["deepspeed"].startswith("ok") and env["pieces"]["triton"].startswith("ok")
 
     stages = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()]
-    assert [s[0] for s in stages] == ["setup", "environment", "training_step", "kernels"]
+    assert [s[0] for s in stages] == ["setup", "environment", "training_step", "kernels", "input"]
     assert all(s[1] == "0" for s in stages), stages
     kernels = json.loads((out / "kernels.json").read_text())
     assert kernels["check"] and all(c["ok"] for c in kernels["check"].values())
@@ -36,7 +36,11 @@ def test_device_check_dry_run_reports_every_stage_from_the_assembled_package(tmp
 
     # the report's order, the summary table last
     text = proc.stdout
-    heads = ["== 1. environment", "== 2-3. fused ops", "== 4. training step", "== summary"]
+    inputs = {row["backend"]: row for row in json.loads((out / "input.json").read_text())["rows"]}
+    assert inputs["dali-gpu"]["status"] == "skipped: needs a CUDA device"  # measured where a GPU is
+    assert all(inputs[name]["status"] == "ok" for name in ("nvjpeg", "torch", "split-host"))
+    assert "input device part" in proc.stdout
+    heads = ["== 1. environment", "== 2-3. fused ops", "== 4. training step", "== 5. input pipeline", "== summary"]
     assert all(h in text for h in heads) and [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
     assert f"moca_fast: {env['moca_fast']}" in text
     assert text.rstrip().splitlines()[-1].startswith("step trainer_zero0")

@@ -23,7 +23,7 @@ LAUNCH = str(REPO / "launch" / "train.py")
 TINY_RUN = ["--preset", "tiny", "batch_size=2", "grad_accum=2", "epochs=2", "log_every=1", "num_workers=0"]
 STOP_AT, END_AT = 2, 5
 WORDS_PER_STEP = 4 // 2  # tiny: num_new_words=4 over 2 ranks, rank 0's words kept
-METRIC_KEYS = {"step", "epoch", "loss", "loss_img", "loss_loc", "lr", "wd", "momentum", "img_per_s"}
+METRIC_KEYS = {"step", "epoch", "loss", "loss_img", "loss_loc", "lr", "wd", "momentum", "img_per_s", "input_wait"}
 
 
 def _env():

@@ -1,7 +1,9 @@
 """Data layer: image folder -> two augmented views per image on the device; eval batches for k-NN.
 
-Backends (cfg.data_backend): "dali" (GPU decode, moca_fast.data.dali), "torch" (DataLoader + PIL),
-"synthetic" (random tensors, benchmarks), "auto" (DALI on a CUDA device when it imports, else torch).
+Backends (cfg.data_backend): "dali" (GPU decode, moca_fast.data.dali), "nvjpeg" (torchvision's GPU JPEG decoder,
+moca_fast.data.nvjpeg; on the CPU the same code with libjpeg), "torch" (DataLoader + PIL), "synthetic" (random
+tensors, benchmarks), "auto" (on a CUDA device DALI when it imports and its pipeline starts, else nvjpeg; on the
+CPU torch).
 Every train loader follows the TwoViewLoader protocol below; cfg.data=None means the demo set.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from moca_fast.config_checks import DATA_BACKENDS
 from moca_fast.data.image_list import ImageList
 from moca_fast.data.scan import scan_images
 from moca_fast.errors import ConfigError
@@ -54,12 +57,14 @@ def _dali_missing(device: torch.device) -> str | None:
 
 
 def select_backend(requested: str, device, rank: int = 0) -> str:
-    """Resolves data_backend "auto" to "dali" or "torch"; logs the choice once per process."""
+    """Resolves data_backend "auto" to "dali", "nvjpeg" (a CUDA device without DALI) or "torch" (the CPU); logs the
+    choice, with the reason DALI is not used, once per process."""
     device = torch.device(device)
-    if requested not in ("auto", "dali", "torch", "synthetic"):
-        raise ConfigError(f"data_backend={requested!r} must be one of auto, dali, torch, synthetic")
+    if requested not in DATA_BACKENDS:
+        raise ConfigError(f"data_backend={requested!r} must be one of {', '.join(DATA_BACKENDS)}")
     why_not_dali = _dali_missing(device) if requested == "auto" else None
-    choice = "torch" if why_not_dali else ("dali" if requested == "auto" else requested)
+    without_dali = "nvjpeg" if device.type == "cuda" else "torch"
+    choice = without_dali if why_not_dali else ("dali" if requested == "auto" else requested)
     if requested == "dali":
         try:
             import moca_fast.data.dali  # noqa: F401
@@ -120,8 +125,13 @@ def _image_loader(backend: str, images: ImageList, cfg, rank: int, world_size: i
         except RuntimeError as e:
             if cfg.data_backend == "dali":
                 raise
-            # "auto" must not fail where the torch backend works
-            log.warning("DALI pipeline failed to start (%s); data backend: torch", str(e).splitlines()[0])
+            # "auto" must not fail where the nvjpeg backend works
+            log.warning("DALI pipeline failed to start (%s); data backend: nvjpeg", str(e).splitlines()[0])
+        backend = "nvjpeg"
+    if backend == "nvjpeg":
+        from moca_fast.data.nvjpeg import NvjpegTwoViewLoader
+
+        return NvjpegTwoViewLoader(images, cfg, rank, world_size, device)
     from moca_fast.data.torch_backend import TorchTwoViewLoader
 
     return TorchTwoViewLoader(images, cfg, rank, world_size, device)

@@ -1,7 +1,11 @@
 """torch DataLoader + PIL backend: two augmented views for training, plain views for k-NN eval.
 
 Workers decode with PIL and return uint8 views; the main process moves them to the device and
-normalises there (4x less inter-process and host-to-device traffic than float32). A file that
+normalises there (4x less inter-process and host-to-device traffic than float32). Where the photometric
+operations run is cfg.photometric_on: "workers" (the PIL path, torchvision's operations on each image), "device"
+(the split path: the workers decode, crop, resize and flip, moca_fast.data.split_views, and the colour
+operations run batched on the loader's device, moca_fast.data.photometric) or "auto" (the device when it is a
+GPU; on the CPU the workers, which spread them over their processes). A file that
 became unreadable since the scan is replaced by the next readable file of the list (a fixed
 choice, so resumed runs see the same data); the main process logs and counts it.
 
@@ -26,9 +30,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from moca_fast.data.image_list import ImageList
+from moca_fast.data.photometric import Photometric
 from moca_fast.data.scan import open_rgb, printable
 from moca_fast.data.scan_pool import die_with_parent
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
+from moca_fast.data.split_views import CropFlipTwoViews
 from moca_fast.data.transforms import EvalTransform, Normalizer, TwoViewTransform
 from moca_fast.ending import STOP_SIGNALS
 
@@ -37,38 +43,55 @@ log = logging.getLogger("moca_fast.data")
 MAX_SUBSTITUTES = 16
 
 
-def load_or_substitute(files, index: int):
-    """(RGB PIL image, index actually loaded, [(path, reason)] of files that failed on the way)."""
+def load_or_substitute(files, index: int, read=None):
+    """(read(path), by default the RGB PIL image; index actually loaded; [(path, reason)] of files that failed on
+    the way)."""
     failed = []
     for k in range(min(MAX_SUBSTITUTES, len(files))):
         candidate = (index + k) % len(files)
         try:
-            return open_rgb(files[candidate]), candidate, failed
+            return (read or open_rgb)(files[candidate]), candidate, failed
         except Exception as e:  # any decode/read failure of a file that passed the scan
             failed.append((files[candidate], f"{type(e).__name__}: {' '.join(str(e).split())}"))
     raise RuntimeError(f"{len(failed)} consecutive images failed to load, first {printable(failed[0][0])}: "
                        f"{printable(failed[0][1])}; the data folder changed since it was scanned")
 
 
-class _TwoViewDataset(Dataset):
-    """Item key (epoch, rank, position, file index) -> (view1, view2 uint8 [3, S, S], failed files)."""
+class _PilTwoViews:
+    """Image file + per-sample generator -> (view 1, view 2 uint8 [3, S, S]): the PIL path."""
 
-    def __init__(self, files, transform: TwoViewTransform, seed: int):
-        self.files, self.transform, self.seed = files, transform, seed
+    def __init__(self, transform: TwoViewTransform):
+        self.transform = transform
+
+    def __call__(self, path: str, rng):
+        return self.transform(open_rgb(path), rng)
+
+
+class _TwoViewDataset(Dataset):
+    """Item key (epoch, rank, position, file index) -> (*read_views(file, the sample's generator), failed files)."""
+
+    def __init__(self, files, read_views, seed: int):
+        self.files, self.read_views, self.seed = files, read_views, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key):
         epoch, rank, position, index = key
-        img, _, failed = load_or_substitute(self.files, index)
-        view1, view2 = self.transform(img, sample_rng(self.seed, epoch, rank, position))
-        return view1, view2, failed
+        views, _, failed = load_or_substitute(
+            self.files, index, lambda path: self.read_views(path, sample_rng(self.seed, epoch, rank, position)))
+        return *views, failed
 
 
 def _collate_two_views(samples):
-    return (default_collate([s[0] for s in samples]), default_collate([s[1] for s in samples]),
-            [bad for s in samples for bad in s[2]])
+    """[(tensor, ..., failed files)] -> (each tensor stacked [B, ...], ..., all failed files)."""
+    columns = list(zip(*samples))
+    return (*(default_collate(list(column)) for column in columns[:-1]), [bad for fails in columns[-1] for bad in fails])
+
+
+def photometric_on_device(setting: str, device: torch.device) -> bool:
+    """cfg.photometric_on (checked by Config.validate_data) resolved: True for the split path (module docstring)."""
+    return setting == "device" or (setting == "auto" and device.type == "cuda")
 
 
 class ShardBatchSampler:
@@ -150,11 +173,19 @@ def data_loader(dataset, device: torch.device, num_workers: int, persistent: boo
 
 
 class TorchTwoViewLoader(LoaderPosition):
-    """Yields (x1, x2): float32 [B, 3, S, S] on `device`, two views of the same B images."""
+    """Yields (x1, x2): float32 [B, 3, S, S] on `device`, two views of the same B images.
+
+    host_batches() yields what the workers hand over (the CPU's share of the work): (view 1, view 2 uint8
+    [B, 3, S, S], failed files), with the photometric parameters float64 [B, 2, P] before the failed files on
+    the split path."""
 
     backend = "torch"
 
-    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device):
+    def __init__(self, images: ImageList, cfg, rank: int, world_size: int, device, read_views=None,
+                 collate=_collate_two_views):
+        """read_views(path, rng) -> the sample's tensors: the workers' work per image, by default the PIL path's
+        or the split path's (cfg.photometric_on); another one (a benchmark's, a subclass's) comes with the collate
+        function of its samples, and is iterated with host_batches."""
         self.device = torch.device(device)
         self.num_images = len(images)
         self.skipped = list(images.skipped)
@@ -162,21 +193,35 @@ class TorchTwoViewLoader(LoaderPosition):
         self.shard = EpochShard(self.num_images, rank, world_size, cfg.batch_size, cfg.seed,
                                 source=f"data folder {images.root}")
         self._sampler = ShardBatchSampler(self.shard)
-        dataset = _TwoViewDataset(images.files, TwoViewTransform(cfg.img_size, cfg.crop_min), cfg.seed)
-        self._loader = data_loader(dataset, self.device, cfg.num_workers, persistent=True,
-                                    batch_sampler=self._sampler, collate_fn=_collate_two_views)
+        self.split = photometric_on_device(cfg.photometric_on, self.device)
+        if read_views is None and self.split:
+            read_views = CropFlipTwoViews(cfg.img_size, cfg.crop_min)
+        elif read_views is None:
+            read_views = _PilTwoViews(TwoViewTransform(cfg.img_size, cfg.crop_min))
+        if rank == 0:
+            log.info("photometric operations: %s", f"batched on {self.device.type}" if self.split else "in the workers")
+        self._loader = data_loader(_TwoViewDataset(images.files, read_views, cfg.seed), self.device, cfg.num_workers,
+                                    persistent=True, batch_sampler=self._sampler, collate_fn=collate)
         self._normalize = Normalizer(self.device)
+        self._photometric = Photometric()
 
     def __len__(self) -> int:
         return self.shard.steps
 
-    def __iter__(self):
+    def host_batches(self):
         self._sampler.epoch, self._sampler.start_step = self.epoch, self.step
         if self.step >= len(self):
             return
-        for view1, view2, failed in iterate(self._loader):
-            note_failed(self, failed)
+        for batch in iterate(self._loader):
+            note_failed(self, batch[-1])
             self.step += 1
+            yield batch
+
+    def __iter__(self):
+        for view1, view2, *params, _ in self.host_batches():
+            if self.split:
+                view1, view2 = (self._photometric(view.to(self.device, non_blocking=True), params[0][:, k])
+                                for k, view in enumerate((view1, view2)))
             yield self._normalize(view1), self._normalize(view2)
 
 

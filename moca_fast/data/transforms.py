@@ -151,6 +151,25 @@ def apply_view(img: Image.Image, params: ViewParams, size: int) -> Image.Image:
     return img
 
 
+def draft_reduction(crops: list[tuple[int, int, int, int]], size: int) -> int:
+    """The largest JPEG DCT scaling (8, 4, 2, else 1) that leaves every crop at least `size` pixels on each side."""
+    smallest = min(min(h, w) for _, _, h, w in crops)
+    return next((factor for factor in (8, 4, 2) if smallest >= size * factor), 1)
+
+
+def crop_and_flip(img: Image.Image, params: ViewParams, size: int, scale: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
+    """The view's crop resized to size x size (one bilinear antialiased pass) and flipped: the geometric part of
+    apply_view. scale = (x, y) source pixels per pixel of `img` (a JPEG decoded at a reduced scale); at (1, 1)
+    exactly apply_view's crop."""
+    top, left, h, w = params.crop
+    if scale == (1.0, 1.0):
+        img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    else:
+        box = (left / scale[0], top / scale[1], (left + w) / scale[0], (top + h) / scale[1])
+        img = img.resize((size, size), Image.BILINEAR, box=box)
+    return TF.hflip(img) if params.flip else img
+
+
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, H, W]."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)

@@ -24,6 +24,7 @@ from moca_fast.train import checkpoint as ckpt
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
                                     resolve_precision)
 from moca_fast.figures.training import log_eval_figures, write_run_figures
+from moca_fast.train.input_wait import InputWait
 from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
@@ -33,7 +34,7 @@ from moca_fast.train.stop import StopSignal
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change")
+              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change", "photometric_on")
 #: a checkpoint that takes longer than this may not finish within the 30 s the deepspeed launcher waits
 #: between forwarding a stop signal and SIGKILL (the previous checkpoint then stays the latest)
 SLOW_SAVE_S = 15.0
@@ -170,6 +171,7 @@ class Trainer:
         self.last_saved = -1
         self.skipped_reported = 0
         self.slow_save_reported = False
+        self.input_wait = InputWait()
 
     def _meta(self) -> dict:
         return {"world_size": self.dist.world_size, "precision": self.precision, "epoch": self.epoch_float(),
@@ -263,8 +265,10 @@ class Trainer:
             return
         now = time.perf_counter()
         steps = self.step - interval["step"]
+        img_per_s = steps * effective_batch_size(self.cfg, self.dist.world_size) / (now - interval["time"])
         record = {"step": self.step, "epoch": round(self.epoch_float(), 6), **means, **interval["values"],
-                  "img_per_s": steps * effective_batch_size(self.cfg, self.dist.world_size) / (now - interval["time"])}
+                  "img_per_s": img_per_s,
+                  "input_wait": self.input_wait.interval_share(now - interval["time"], img_per_s)}
         run_log.write(record)
         interval.update(step=self.step, time=now)
         if self.engine.skipped_steps > self.skipped_reported:  # DeepSpeed's overflow skips (inf/NaN gradients)
@@ -319,7 +323,7 @@ class Trainer:
         position = self.loader.state_dict()
         if (position["epoch"], position["step"]) != (epoch, in_epoch * cfg.grad_accum):
             raise RuntimeError(f"data loader at {position}, trainer at epoch {epoch} step {in_epoch}")
-        batches = iter(self.loader)
+        batches = self.input_wait.timed(iter(self.loader))
         try:
             for _ in range(in_epoch, self.steps_per_epoch):
                 epoch_float = self.epoch_float()
@@ -342,8 +346,7 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
         finally:
-            if hasattr(batches, "close"):
-                batches.close()
+            batches.close()
         epoch_done = self.step % self.steps_per_epoch == 0
         periodic = cfg.eval_every and (self.step // self.steps_per_epoch) % cfg.eval_every == 0
         if epoch_done and periodic and self.knn is not None and self.step < self.total_steps:

@@ -83,6 +83,8 @@ RUN_FIELD_EFFECTS = {
     "compile_blocks": "compilation only", "activation_memory_budget": "recomputation only (same numbers)",
     "cpu_threads": "intra-op threads only",
     "resume_data_change": "what a resume on other data does",
+    "photometric_on": "where the colour operations run (the same batches, but for JPEGs decoded at a reduced "
+                      "DCT scale; a checkpoint older than the setting records none)",
 }
 
 

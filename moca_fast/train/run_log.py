@@ -105,7 +105,7 @@ class RunLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"train/{key}", value, step)
-        shown = {k: record[k] for k in ("loss", "loss_img", "loss_loc", "lr", "img_per_s") if k in record}
+        shown = {k: record[k] for k in ("loss", "loss_img", "loss_loc", "lr", "img_per_s", "input_wait") if k in record}
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         elif "loss" in record:
