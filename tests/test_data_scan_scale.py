@@ -20,7 +20,7 @@ from PIL import Image
 from moca_fast.config import ConfigError
 from moca_fast.data import scan
 from moca_fast.data.scan import scan_images
-from moca_fast.data.scan_cache import CACHE_DIR_NAME
+from moca_fast.data.scan_cache import journal_folder, scans_folder
 from moca_fast.data.scan_pool import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def write_folder(root: Path, count: int, classes: int = 4) -> Path:
 
 def journal_entries(root: Path) -> int:
     count = 0
-    for journal in (root / CACHE_DIR_NAME).glob("*.jsonl"):
+    for journal in journal_folder(root, scans_folder()).glob("*.jsonl"):
         for line in journal.read_bytes().split(b"\n")[1:]:
             try:
                 count += len(json.loads(line))
@@ -151,7 +151,7 @@ def test_parallel_and_serial_scans_agree_across_linked_class_folders(tmp_path):
 def test_a_torn_journal_keeps_its_complete_lines(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "data", 30, classes=1)
     scan_images(root, processes=1)
-    journal, = (root / CACHE_DIR_NAME).glob("*.jsonl")
+    journal, = journal_folder(root, scans_folder()).glob("*.jsonl")
     lines = journal.read_bytes().split(b"\n")
     entries = json.loads(lines[1])
     half = len(entries) // 2
@@ -220,7 +220,7 @@ def test_scan_command_runs_ahead_and_the_trainer_reuses_its_verdicts(tmp_path, m
     summary = run.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"{root}: 90 images in 3 classes, 1 bad file skipped, 0 other entries not used; "
                               "checked 91 files")
-    assert "files/s" in summary and f"verdicts in {root / CACHE_DIR_NAME}" in summary
+    assert "files/s" in summary and f"verdicts in {journal_folder(root, scans_folder())}" in summary
     calls = counting_checks(monkeypatch)
     assert len(scan_images(root)) == 90 and calls == []
     missing = subprocess.run([sys.executable, "-m", "moca_fast.data", "scan", str(tmp_path / "nowhere")], cwd=REPO,

@@ -28,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--processes", type=int, default=None, help="worker processes (default: the usable cores)")
     s.add_argument("--bad-files", choices=("skip", "error"), default="skip",
                    help="skip (default: count and list them) or error (stop at the first)")
+    s.add_argument("--scan-cache", default=None, metavar="DIR",
+                   help="keep the verdicts under DIR (the trainer's scan_cache=DIR finds them there; default: "
+                        "$MOCA_FAST_SCAN_CACHE, else the scans/ folder of moca_fast's cache). Nothing is written "
+                        "into the scanned folder")
     return p.parse_args(argv)
 
 
@@ -62,7 +66,8 @@ def _main(argv, end) -> int:
 
     stats: dict = {}
     started = time.monotonic()
-    images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats)
+    images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats,
+                         scan_cache=args.scan_cache)
     print(summary(images, stats, time.monotonic() - started))
     return 0
 

@@ -31,7 +31,7 @@ from moca_fast.viz.training import log_eval_figures, write_run_figures
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change")
+              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change", "scan_cache")
 #: a checkpoint that takes longer than this may not finish within the 30 s the deepspeed launcher waits
 #: between forwarding a stop signal and SIGKILL (the previous checkpoint then stays the latest)
 SLOW_SAVE_S = 15.0
