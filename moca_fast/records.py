@@ -135,8 +135,32 @@ def check_number(value: Any, what: str) -> float:
     return number
 
 
-def field(record: dict, key: str, check: Callable[[Any, str], Any], *args) -> Any:
+def required(record: dict, key: str, check: Callable[[Any, str], Any], *args) -> Any:
     """check(record[key]) of an object; a missing key is a BadRecord too."""
     if key not in record:
         raise BadRecord(f"no {key!r}")
     return check(record[key], repr(key), *args)
+
+
+def metrics_record(value: Any) -> dict:
+    """A record of a run's metrics.jsonl (launch/train.py writes one per logged step and evaluation): an object
+    with an integer "step" >= 0 whose numbers are all finite; returned with its numbers as floats."""
+    record = check_dict(value, "the record")
+    checked = {"step": required(record, "step", check_int, 0)}
+    for key, item in record.items():
+        if key != "step" and isinstance(item, (int, float)) and not isinstance(item, bool):
+            checked[key] = check_number(item, repr(key))
+    return checked
+
+
+def read_pointer(path: str | os.PathLike) -> str:
+    """The name a pointer file (`latest`: one line) gives of a folder beside it; BadRecord (naming the file)
+    when it is not UTF-8 or names no such sibling (empty, a path, '..')."""
+    data = Path(path).read_bytes()
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadRecord(f"{path}: damaged (not UTF-8)") from None
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise BadRecord(f"{path}: damaged (it names no folder beside it: {name[:40]!r})")
+    return name

@@ -150,7 +150,7 @@ def read_journal(path: Path | None, expected: dict) -> tuple[dict[str, tuple[int
         return {}, True
     torn = not data.endswith(b"\n")  # a complete file ends with a newline
     chunks, skipped = read_json_lines(rest, path, _chunk, first_line=2)
-    skipped.log(log, "journal lines (their files are checked again)")
+    skipped.log(log, "journal lines")
     entries = {}
     for chunk in chunks:
         for rel, size, mtime, verdict in chunk:

@@ -22,7 +22,7 @@ from moca_fast.train.cpu_threads import set_intra_op_threads
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
                                     resolve_precision)
 from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
-from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
+from moca_fast.train.run_log import RunLog, read_random_init, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
@@ -357,8 +357,7 @@ class Trainer:
 
     def _final_eval(self) -> dict:
         final = self.knn_accuracy()
-        path = self.output / "knn_random_init.json"
-        random_init = json.loads(path.read_text()) if path.is_file() else {}
+        random_init = read_random_init(self.output / "knn_random_init.json")
         result = {"knn_top1": final["top1"], "knn_top5": final["top5"],
                   "knn_top1_random_init": random_init.get("top1"), "knn_top5_random_init": random_init.get("top5"),
                   "step": self.step, "k": final["k"], "temperature": final["temperature"],

@@ -3,19 +3,21 @@
 From each run folder's metrics.jsonl (launch/train.py writes it): the loss, the image (cross-view) loss, the
 dense (same-view) loss and the learning rate per logged step; the teacher's k-NN top-1 at each evaluation, with
 the random initialisation (knn_random_init.json, at step 0) and the final one (eval.json) when present.
-A line of metrics.jsonl that is not a JSON record (a line cut short by a crash) is skipped and counted.
+A line of metrics.jsonl that is not a record (a line cut short by a crash, bytes that are not UTF-8, JSON of
+another shape, a number that is not finite) is skipped and counted, and so is a damaged evaluation file.
 
 python -m moca_fast.viz curves RUN [RUN ...] [--output curves.png]
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moca_fast.config import ConfigError
+from moca_fast.records import BadRecord, check_dict, check_int, check_number, metrics_record, read_json_file, \
+    read_json_lines, required
 from moca_fast.viz import cli
 from moca_fast.viz.figure import TITLE_SIZE, new_figure, set_title
 
@@ -60,32 +62,42 @@ def labels(folders: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(f) for f in folders]
 
 
+def _evaluation(step_key: str | None, value_key: str):
+    """The check of an evaluation file: (its step, 0 without `step_key`; its k-NN top-1)."""
+    def check(value):
+        record = check_dict(value, "the record")
+        step = required(record, step_key, check_int, 0) if step_key else 0
+        return step, required(record, value_key, check_number)
+
+    return check
+
+
 def read_run(folder: Path, label: str) -> Run:
     run = Run(label, folder)
-    for line in (folder / METRICS).read_text().splitlines():
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            run.skipped_lines += 1
-            continue
+    path = folder / METRICS
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    records, skipped = read_json_lines(data, path, metrics_record)
+    for record in records:
         for key, _ in PANELS:
-            if isinstance(record.get(key), (int, float)):
-                run.add(key, step, float(record[key]))
+            if key in record:
+                run.add(key, record["step"], record[key])
     for name, step_key, value_key in EVALUATION_FILES:
-        path = folder / name
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-                run.add("knn_top1", int(record[step_key]) if step_key else 0, float(record[value_key]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                run.skipped_lines += 1
+        try:
+            run.add("knn_top1", *read_json_file(folder / name, _evaluation(step_key, value_key)))
+        except FileNotFoundError:
+            pass
+        except BadRecord as e:
+            log.warning("skipped a damaged evaluation file: %s", e)
+            run.skipped_lines += 1
     if "knn_top1" in run.series:  # the evaluations in step order (the periodic ones lie between the two files)
         run.series["knn_top1"] = tuple(map(list, zip(*sorted(zip(*run.series["knn_top1"])))))
+    skipped.log(log)
+    run.skipped_lines += skipped.count
     if not run.series:
-        raise ConfigError(f"{folder / METRICS}: no metrics records")
-    if run.skipped_lines:
-        log.warning("%s: skipped %d unreadable records", folder, run.skipped_lines)
+        raise ConfigError(f"{path}: no metrics records")
     return run
 
 
