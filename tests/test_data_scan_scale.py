@@ -60,13 +60,14 @@ def counting_checks(monkeypatch) -> list:
 
 
 SLOW_SCAN = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from moca_fast.data import scan
     real = scan.inspect_image
-    def slow(path):  # ~8 ms a file, so that the scan is still running when the test interrupts it
-        time.sleep(0.008)
+    def held(path):  # the files of the last class are never checked: the scan is running when the test stops it
+        while os.path.basename(os.path.dirname(path)) == "c3":
+            time.sleep(1)
         return real(path)
-    scan.inspect_image = slow
+    scan.inspect_image = held
     scan.scan_images(sys.argv[1], processes=2)
 """)
 
@@ -90,7 +91,7 @@ def test_an_interrupted_scan_keeps_what_it_checked_and_its_workers_die_with_it(t
         child.kill()
         child.wait()
     kept = journal_entries(root)
-    assert 2 * scan.CHECK_CHUNK <= kept < 1200
+    assert 2 * scan.CHECK_CHUNK <= kept <= 900  # c3's 300 files were never checked
     calls = counting_checks(monkeypatch)
     images = scan_images(root, processes=1)
     assert len(images) == 1200 and len(calls) == 1200 - kept  # resumed: only the files not yet checked
@@ -123,7 +124,7 @@ def test_the_scan_command_stopped_mid_scan_says_so_in_one_line_and_resumes(tmp_p
     assert err.replace("\r", "\n").strip().splitlines()[-1] == (
         "stopped by SIGTERM during the scan: the files checked so far are kept; the same command resumes")
     kept = journal_entries(root)
-    assert 2 * scan.CHECK_CHUNK <= kept < 1200
+    assert 2 * scan.CHECK_CHUNK <= kept <= 900
     calls = counting_checks(monkeypatch)
     assert len(scan_images(root, processes=1)) == 1200 and len(calls) == 1200 - kept
 
