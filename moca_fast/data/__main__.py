@@ -2,9 +2,11 @@
 
     python -m moca_fast.data scan /data/imagenet/train               # all cores of this machine
     python -m moca_fast.data scan /data/imagenet/train --processes 8
+    python -m moca_fast.data scan /data/imagenet/train --scan-cache /shared/scans   # train with scan_cache=/shared/scans
 
 Lists the folder, checks every new or changed file (see moca_fast.data.scan) with a progress bar (or a
-log line every 15 s when stderr is not a terminal) and prints one summary line. Stopped (Ctrl-C, SIGTERM,
+log line every 15 s when stderr is not a terminal) and prints one summary line. The verdicts are kept in the
+user's cache (moca_fast.data.scan_cache), never in the scanned folder. Stopped (Ctrl-C, SIGTERM,
 SIGHUP: one line, moca_fast.ending), it keeps what it checked and the same command resumes. Exit status:
 0 done, 2 bad folder or bad file with --bad-files error, 1 an unexpected error (one line, the traceback in a
 file), 128 + N stopped by signal N.
