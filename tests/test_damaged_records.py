@@ -108,8 +108,8 @@ def test_the_curves_command_draws_a_run_whose_metrics_hold_every_kind_of_damage(
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_bytes(b"\n".join(metrics_lines([1, 2]) + list(DAMAGE.values()) + metrics_lines([3])))
-    proc = subprocess.run([sys.executable, "-m", "moca_fast.viz", "curves", str(run), "--output", str(tmp_path / "c.png")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "moca_fast.viz", "curves", str(run), "--output",
+                           str(tmp_path / "c.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{run / 'metrics.jsonl'}: skipped {len(DAMAGE)} damaged records (first: line 3: " in proc.stderr
     assert "Traceback" not in proc.stderr and (tmp_path / "c.png").stat().st_size > 0

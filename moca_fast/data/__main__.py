@@ -2,7 +2,7 @@
 
     python -m moca_fast.data scan /data/imagenet/train               # all cores of this machine
     python -m moca_fast.data scan /data/imagenet/train --processes 8
-    python -m moca_fast.data scan /data/imagenet/train --scan-cache /shared/scans   # train with scan_cache=/shared/scans
+    python -m moca_fast.data scan /data/imagenet/train --scan-cache /shared/scans  # then train with scan_cache=...
 
 Lists the folder, checks every new or changed file (see moca_fast.data.scan) with a progress bar (or a
 log line every 15 s when stderr is not a terminal) and prints one summary line. The verdicts are kept in the
