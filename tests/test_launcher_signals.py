@@ -183,7 +183,15 @@ def test_a_rank_dying_inside_save_checkpoint_ends_the_others_with_one_line(tmp_p
                                          f"checkpoint (traceback in {out / 'error_rank1.log'})"),
                 "save_killed": r"error: rank 0: rank 1 \(pid \d+\) of this node ended without a word \(killed\?\) "
                                r"during the training loop; step 1 is the last complete checkpoint"}[fault]
-    assert len(errors) == 1 and re.fullmatch(expected, errors[0]), text[-3000:]
+    if fault == "save_killed":
+        # the deepspeed launcher polls its ranks every second and SIGTERMs the others once one has died: that may
+        # reach rank 0 before its collective with the dead rank fails, and then the stop is what rank 0 reports
+        said = [line for line in text.splitlines() if line.startswith(("error", "stopped by"))]
+        launcher_first = ("stopped by SIGTERM before the step reached could be saved; step 1 is the last complete "
+                          "checkpoint")
+        assert len(said) == 1 and (re.fullmatch(expected, said[0]) or said[0] == launcher_first), text[-3000:]
+    else:
+        assert len(errors) == 1 and re.fullmatch(expected, errors[0]), text[-3000:]
     assert not _frames_of_ours(text)
     assert ckpt.resolve_resume("auto", out).name == "step_00000001"
 
