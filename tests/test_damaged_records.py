@@ -76,7 +76,7 @@ def test_a_damaged_scan_journal_line_is_skipped_and_the_journal_rewritten(tmp_pa
     assert calls == []  # every verdict of the intact lines is reused
     warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"{journal}: skipped 1 damaged journal lines (first: line 2: ")
-    assert damage not in journal.read_bytes()  # rewritten: the next scan finds nothing to skip
+    assert damage not in journal.read_bytes().split(b"\n")  # rewritten: the next scan finds nothing to skip
     caplog.clear()
     with caplog.at_level(logging.WARNING, "moca_fast.data"):
         scan_images(root, processes=1)
