@@ -16,9 +16,10 @@ from moca_fast.data import scan
 from moca_fast.data.scan import scan_images
 from moca_fast.data.scan_cache import header, journal_folder, read_journal, scans_folder
 from moca_fast.records import BadRecord, metrics_record, parse_json, read_json_lines, read_pointer
-from moca_fast.train import checkpoint as ckpt
+from moca_fast.errors import ConfigError
+from moca_fast.io import checkpoints as ckpt
 from moca_fast.train.run_log import _drop_records_after, read_random_init
-from moca_fast.viz import curves
+from moca_fast.figures import curves
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_a_damaged_checkpoint_meta_is_skipped_by_resume_auto_and_refused_by_name
     with caplog.at_level(logging.WARNING, "moca_fast.train"):
         assert ckpt.resolve_resume("auto", tmp_path) == older
     assert f"skipping checkpoint {newer}: meta.json is damaged (" in caplog.text
-    with pytest.raises(ckpt.ConfigError, match=r"^--resume .*step_00000002: damaged checkpoint \(meta.json is damaged"):
+    with pytest.raises(ConfigError, match=r"^--resume .*step_00000002: damaged checkpoint \(meta.json is damaged"):
         ckpt.resolve_resume(str(newer), tmp_path)
 
 
@@ -162,7 +163,7 @@ def test_a_damaged_latest_pointer_is_one_line_naming_it(tmp_path, pointer):
     latest.write_bytes(pointer)
     with pytest.raises(BadRecord, match=r"^.*latest: damaged \("):
         read_pointer(latest)
-    with pytest.raises(ckpt.ConfigError, match=f"^{latest}: damaged"):
+    with pytest.raises(ConfigError, match=f"^{latest}: damaged"):
         ckpt.resolve_resume(None, tmp_path)
 
 

@@ -4,7 +4,8 @@ optimiser step is the non-finite step it is (exit 3, nothing saved)."""
 import pytest
 
 from moca_fast import config
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from test_safety import _finite_checkpoints, _launch
 
 

@@ -30,12 +30,13 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from moca_fast.config import ConfigError
+from moca_fast.cpu_threads import usable_cores
 from moca_fast.data.image_list import ImageList, concat_tables
 from moca_fast.data.scan_cache import BAD as _BAD, NOT_IMAGE as _NOT_IMAGE, OK as _OK, OK_PIL as _OK_PIL
 from moca_fast.data.scan_cache import Journal, choose_cache_dir, scans_folder
 from moca_fast.data.scan_pool import Progress, WorkerPool, format_duration, map_inline
 from moca_fast.data.scan_walk import GroupListing, Walk, list_group, listing_of
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.data")
 
@@ -179,8 +180,6 @@ def _code(verdict: str) -> int:
 
 
 def _default_processes() -> int:
-    from moca_fast.train.cpu_threads import usable_cores
-
     return usable_cores()
 
 
