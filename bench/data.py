@@ -39,7 +39,8 @@ from PIL import Image
 
 from moca_fast.config import load_config
 from moca_fast.data import build_train_loader
-from moca_fast.data.scan import cache_root, scan_images
+from moca_fast.data.scan import scan_images
+from moca_fast.data.scan_cache import cache_root
 
 PHOTO_SIZE = (500, 375)  # a typical ImageNet training image
 

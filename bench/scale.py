@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from moca_fast.data.image_list import synthetic_image_list  # noqa: E402
 from moca_fast.data.scan import scan_images  # noqa: E402
-from moca_fast.data.scan_cache import CACHE_DIR_NAME  # noqa: E402
+from moca_fast.data.scan_cache import journal_folder, scans_folder  # noqa: E402
 
 IMAGENET_FILES = 1_281_167
 NODE_CORES = 16
@@ -102,7 +102,7 @@ def timed_scan(root: Path, processes: int, cold: bool) -> dict:
     """Wall time and CPU time (this process + its workers) of one scan: files per CPU-second is what one
     dedicated core does, whatever else shares the cores here."""
     if cold:
-        shutil.rmtree(root / CACHE_DIR_NAME, ignore_errors=True)
+        shutil.rmtree(journal_folder(root, scans_folder()), ignore_errors=True)
     stats: dict = {}
     started, cpu = time.perf_counter(), cpu_seconds()
     images = scan_images(root, processes=processes, progress=False, stats=stats)
@@ -121,7 +121,7 @@ def _free_port() -> int:
 def time_to_first_step(root: Path, output: Path, cold: bool) -> dict:
     """Seconds from `deepspeed --num_gpus 2 launch/train.py` to the first metrics line."""
     if cold:
-        shutil.rmtree(root / CACHE_DIR_NAME, ignore_errors=True)
+        shutil.rmtree(journal_folder(root, scans_folder()), ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "launch" / "train.py"),
                "--preset", "tiny", "--data", str(root), "--output", str(output), "--max-steps", "1",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moca_fast.config_checks import DATA_BACKENDS, DATA_FIELDS, check_output_folder, check_ranges
+from moca_fast.config_checks import (DATA_BACKENDS, DATA_FIELDS, check_codebook_size, check_float32_range,
+                                     check_optimiser_step_size, check_output_folder, check_ranges)
 from moca_fast.config_file import read_config_file
 from moca_fast.config_parse import apply_overrides
 from moca_fast.config_presets import DEFAULT_PRESET, PRESETS, check_preset
@@ -88,6 +89,8 @@ class Config:
     photometric_on: str = "auto"
     num_workers: int = 8
     bad_files: str = "skip"  # "skip" (count and log) or "error" (one line naming the file)
+    # folder of the scan's verdicts (one sub-folder per data folder); None: $MOCA_FAST_SCAN_CACHE or <cache>/scans
+    scan_cache: str | None = None
     # --- run ---
     output: str = "output"
     max_steps: int | None = None
@@ -139,6 +142,9 @@ class Config:
             raise ConfigError(msg)
 
         check_ranges(self)
+        check_float32_range(self)
+        check_codebook_size(self)
+        check_optimiser_step_size(self, world_size)
         if self.early_layer >= self.depth:
             fail(f"early_layer={self.early_layer} must be in [0, depth={self.depth})")
         if self.img_size % self.patch_size:

@@ -1,6 +1,7 @@
 """The numeric settings' allowed intervals and their one-line checks, and the output folder's probe write."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from moca_fast.errors import ConfigError
@@ -63,6 +64,45 @@ def check_ranges(cfg, names=FIELD_RANGES) -> None:
                 shown = list(value) if name in PAIRS else value
                 raise ConfigError(f"{name}={shown} must be {_interval(low, high, low_in, high_in)}"
                                   + (" (each value)" if name in PAIRS else ""))
+
+
+#: the largest finite float32: the optimiser's state and step sizes are float32 whatever the precision
+FLOAT32_MAX = 3.4028234663852886e38
+#: the prototype generators' BatchNorm1d normalises over the codebook's words: it needs more than one
+MIN_NUM_WORDS = 2
+
+
+def check_float32_range(cfg) -> None:
+    """ConfigError for the first float setting beyond float32's range (it would overflow in the optimiser)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" in str(f.type) and value is not None:
+            if any(abs(v) > FLOAT32_MAX for v in (value if isinstance(value, tuple) else (value,))):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{f.name}={shown} is beyond float32's range (at most {FLOAT32_MAX:.4g}), the "
+                                  f"optimiser's dtype")
+
+
+def check_codebook_size(cfg) -> None:
+    if cfg.num_words < MIN_NUM_WORDS:
+        raise ConfigError(f"num_words={cfg.num_words} must be at least {MIN_NUM_WORDS}: the prototype generators' "
+                          f"BatchNorm normalises over the codebook's words")
+
+
+def check_optimiser_step_size(cfg, world_size: int) -> None:
+    """ConfigError when a learning rate makes AdamW's float32 step overflow: its first step moves a weight by
+    up to lr / (1 - adam_betas[0]) and scales it by 1 - lr * weight decay."""
+    if cfg.lr is not None:
+        peak = ("lr", cfg.lr, cfg.lr)
+    else:  # lr = blr * effective batch / 256 (moca_fast.train.schedules.base_lr)
+        peak = ("blr", cfg.blr, cfg.blr * cfg.batch_size * cfg.grad_accum * world_size / 256)
+    decay = max(cfg.weight_decay, cfg.weight_decay_end)
+    for (name, given, lr), wd in ((peak, decay), (("lr_wgen", cfg.lr_wgen, cfg.lr_wgen), cfg.weight_decay_wgen)):
+        step, shrink = lr / (1 - cfg.adam_betas[0]), lr * wd
+        if step > FLOAT32_MAX or shrink > FLOAT32_MAX:
+            raise ConfigError(f"{name}={given} overflows the optimiser's float32 step (lr {lr:.4g}: first step "
+                              f"lr / (1 - adam_betas[0]) = {step:.4g}, weight decay factor lr * wd = {shrink:.4g}; "
+                              f"float32 holds at most {FLOAT32_MAX:.4g})")
 
 
 def check_output_folder(output: str) -> None:

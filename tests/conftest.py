@@ -1,5 +1,6 @@
 """Test-session setup: Triton kernels run under the interpreter on this CPU-only suite (set before any test
-module imports triton; torchvision imports it too), and the one-rank process group of in-process trainer runs.
+module imports triton; torchvision imports it too), the scans' verdicts kept in a folder of this session (not
+in the user's cache), and the one-rank process group of in-process trainer runs.
 """
 import os
 
@@ -8,6 +9,14 @@ import pytest
 from free_port import free_port
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_scan_cache(tmp_path_factory):
+    """$MOCA_FAST_SCAN_CACHE of every scan of the session, in this process and the processes it starts."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOCA_FAST_SCAN_CACHE", str(tmp_path_factory.mktemp("scans")))
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,10 @@ prints `fault: <what>` when it strikes, so that a test can wait for that moment:
   slow_init                 deepspeed.initialize takes 120 s (a slow DeepSpeed start-up)
   save_raises:RANK:N        rank RANK raises PermissionError inside DeepSpeed's save_checkpoint of checkpoint N
   save_killed:RANK:N        rank RANK is SIGKILLed there instead (as by the OOM killer)
+  hold:K:FILE               every rank waits after the K-th optimiser step of this run (before the stop
+                            agreement of that step) until FILE exists: a stop test sends its signal while the run
+                            is held there, waits for the run to log the request, then creates FILE, so the stop
+                            takes effect at step start + K + 1 however fast the machine is
 """
 import os
 import runpy
@@ -57,6 +61,22 @@ def _killed():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _hold(after: str, release: str) -> None:
+    from moca_fast.train.stop import StopSignal
+
+    real, calls = StopSignal.agreed, [0]
+
+    def agreed(self):
+        calls[0] += 1
+        if calls[0] == int(after):
+            _strike(f"hold after step {after} of this run")
+            while not os.path.exists(release):
+                time.sleep(0.05)  # signals are handled here, as in a step
+        return real(self)
+
+    StopSignal.agreed = agreed
+
+
 def main() -> None:
     kind, *args = os.environ["MOCA_TEST_FAULT"].split(":")
     if kind == "slow_storage":
@@ -71,6 +91,8 @@ def main() -> None:
         _in_save(*args, _raise_permission_error)
     elif kind == "save_killed":
         _in_save(*args, _killed)
+    elif kind == "hold":
+        _hold(args[0], ":".join(args[1:]))
     else:
         raise SystemExit(f"unknown fault {kind}")
     sys.argv[0] = str(REPO / "launch" / "train.py")

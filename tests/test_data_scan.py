@@ -10,7 +10,7 @@ from PIL import Image
 
 from moca_fast.data import scan
 from moca_fast.data.scan import scan_images
-from moca_fast.data.scan_cache import CACHE_DIR_NAME
+from moca_fast.data.scan_cache import journal_folder, scans_folder
 from moca_fast.errors import ConfigError
 
 
@@ -165,7 +165,7 @@ def test_cache_skips_decoding_unchanged_files(tmp_path, monkeypatch):
     monkeypatch.setattr(scan, "inspect_image", lambda p: calls.append(p) or real_check(p))
 
     first = scan_images(root)
-    assert len(calls) == 7 and (root / CACHE_DIR_NAME).is_dir()
+    assert len(calls) == 7 and journal_folder(root, scans_folder()).is_dir() and len(os.listdir(root)) == 2
     calls.clear()
     second = scan_images(root)
     assert calls == [] and second == first
@@ -177,20 +177,6 @@ def test_cache_skips_decoding_unchanged_files(tmp_path, monkeypatch):
     assert sorted(calls) == sorted([changed, added])
     assert str(root / "k0/0.jpg") not in third.files and changed in third.files
     assert (added, "empty file (0 bytes)") in third.skipped and len(third.skipped) == 2
-
-
-def test_cache_falls_back_to_the_user_cache_when_the_folder_is_not_writable(tmp_path, monkeypatch):
-    root = tmp_path / "d"
-    write(root / "k/a.jpg", jpeg_bytes())
-    (root / CACHE_DIR_NAME).write_bytes(b"")  # a file where the cache folder beside the data would be
-    monkeypatch.setenv("MOCA_FAST_CACHE", str(tmp_path / "user_cache"))
-    calls = []
-    real_check = scan.inspect_image
-    monkeypatch.setattr(scan, "inspect_image", lambda p: calls.append(p) or real_check(p))
-    scan_images(root)
-    assert len(list((tmp_path / "user_cache" / "scans").glob("*/*.jsonl"))) == 1
-    scan_images(root)
-    assert len(calls) == 1
 
 
 def _scan_in_a_child(root, timeout: float = 60):

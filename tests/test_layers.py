@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("errors", ["moca_fast.errors"]),
     ("runtime", ["moca_fast.peers", "moca_fast.ending", "moca_fast.entry", "moca_fast.subcommands",
-                 "moca_fast.output_files", "moca_fast.distributed", "moca_fast.cpu_threads"]),
+                 "moca_fast.output_files", "moca_fast.distributed", "moca_fast.cpu_threads", "moca_fast.records"]),
     ("settings", ["moca_fast.config", "moca_fast.config_checks", "moca_fast.config_file", "moca_fast.config_parse",
                   "moca_fast.config_presets"]),
     ("reference ops", ["moca_fast.reference_ops"]),

@@ -77,12 +77,12 @@ def select_backend(requested: str, device, rank: int = 0) -> str:
     return choice
 
 
-def scan_on_rank0(root: str, bad_files: str) -> ImageList:
+def scan_on_rank0(root: str, bad_files: str, scan_cache: str | None = None) -> ImageList:
     """scan_images on rank 0 (on all the node's cores), broadcast to all ranks (so all shard the same list);
     local when not distributed. The other ranks wait on rank 0's heartbeat, never on a collective timeout."""
     from moca_fast.distributed import on_rank0
 
-    return on_rank0(lambda: scan_images(root, bad_files))
+    return on_rank0(lambda: scan_images(root, bad_files, scan_cache=scan_cache))
 
 
 def data_root(cfg) -> str:
@@ -109,7 +109,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device="cpu") ->
         loader = SyntheticTwoViewLoader(cfg, rank, world_size, device)
         loader.identity = synthetic_identity(loader.num_images)
         return loader
-    images = scan_on_rank0(data_root(cfg), cfg.bad_files)
+    images = scan_on_rank0(data_root(cfg), cfg.bad_files, cfg.scan_cache)
     identity = on_rank0(lambda: image_list_identity(images))
     loader = _image_loader(backend, images, cfg, rank, world_size, device)
     loader.identity = identity
@@ -144,5 +144,5 @@ def build_eval_loader(root_or_imagelist, cfg, rank: int = 0, world_size: int = 1
 
     images = root_or_imagelist
     if not isinstance(images, ImageList):
-        images = scan_on_rank0(os.fspath(root_or_imagelist), cfg.bad_files)
+        images = scan_on_rank0(os.fspath(root_or_imagelist), cfg.bad_files, cfg.scan_cache)
     return TorchEvalLoader(images, cfg, rank, world_size, device, batch_size)

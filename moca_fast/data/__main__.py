@@ -2,9 +2,11 @@
 
     python -m moca_fast.data scan /data/imagenet/train               # all cores of this machine
     python -m moca_fast.data scan /data/imagenet/train --processes 8
+    python -m moca_fast.data scan /data/imagenet/train --scan-cache /shared/scans  # then train with scan_cache=...
 
 Lists the folder, checks every new or changed file (see moca_fast.data.scan) with a progress bar (or a
-log line every 15 s when stderr is not a terminal) and prints one summary line. Stopped (Ctrl-C, SIGTERM,
+log line every 15 s when stderr is not a terminal) and prints one summary line. The verdicts are kept in the
+user's cache (moca_fast.data.scan_cache), never in the scanned folder. Stopped (Ctrl-C, SIGTERM,
 SIGHUP: one line, moca_fast.ending), it keeps what it checked and the same command resumes. Exit status:
 0 done, 2 bad folder or bad file with --bad-files error, 1 an unexpected error (one line, the traceback in a
 file), 128 + N stopped by signal N.
@@ -28,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--processes", type=int, default=None, help="worker processes (default: the usable cores)")
     s.add_argument("--bad-files", choices=("skip", "error"), default="skip",
                    help="skip (default: count and list them) or error (stop at the first)")
+    s.add_argument("--scan-cache", default=None, metavar="DIR",
+                   help="keep the verdicts under DIR (the trainer's scan_cache=DIR finds them there; default: "
+                        "$MOCA_FAST_SCAN_CACHE, else the scans/ folder of moca_fast's cache). Nothing is written "
+                        "into the scanned folder")
     return p.parse_args(argv)
 
 
@@ -62,7 +68,8 @@ def _main(argv, end) -> int:
 
     stats: dict = {}
     started = time.monotonic()
-    images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats)
+    images = scan_images(args.folder, args.bad_files, processes=args.processes, stats=stats,
+                         scan_cache=args.scan_cache)
     print(summary(images, stats, time.monotonic() - started))
     return 0
 

@@ -38,7 +38,8 @@ from torch.utils.data import Dataset
 
 from moca_fast.data.dali_pipeline import PARAMS, VIEW_NAMES, input_names, two_view_pipeline, view_inputs
 from moca_fast.data.image_list import ImageList
-from moca_fast.data.scan import DALI_SIGNATURES, cache_root, check_image, has_signature, open_rgb, printable
+from moca_fast.data.scan import DALI_SIGNATURES, check_image, has_signature, open_rgb, printable
+from moca_fast.data.scan_cache import cache_root
 from moca_fast.data.sharding import EpochShard, LoaderPosition, sample_rng
 from moca_fast.data.torch_backend import MAX_SUBSTITUTES, ShardBatchSampler, data_loader, iterate, note_failed
 from moca_fast.data.transforms import VIEWS, ViewRecipe, sample_views

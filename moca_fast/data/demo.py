@@ -3,8 +3,8 @@
 Written once, atomically (a temporary folder renamed into place), as 28x28 grayscale JPEGs in
 ImageNet layout:  <cache>/train/<digit>/<row>.jpg (4,000 images, also the k-NN bank) and
 <cache>/val/<digit>/<row>.jpg (1,000 held-out images: every 5th image of each digit).
-Default cache: <moca_fast cache>/demo_mnist, i.e. $MOCA_FAST_CACHE/demo_mnist or
-~/.cache/moca_fast/demo_mnist.
+Default cache: <moca_fast cache>/demo_mnist, i.e. $MOCA_FAST_CACHE/demo_mnist,
+$XDG_CACHE_HOME/moca_fast/demo_mnist or ~/.cache/moca_fast/demo_mnist.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moca_fast.data.scan import cache_root
+from moca_fast.data.scan_cache import cache_root
 from moca_fast.errors import ConfigError
 
 NUM_DIGITS = 5000

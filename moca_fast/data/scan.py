@@ -26,14 +26,14 @@ import re
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from moca_fast.cpu_threads import usable_cores
 from moca_fast.data.image_list import ImageList, concat_tables
-from moca_fast.data.scan_cache import Journal, choose_cache_dir
+from moca_fast.data.scan_cache import BAD as _BAD, NOT_IMAGE as _NOT_IMAGE, OK as _OK, OK_PIL as _OK_PIL
+from moca_fast.data.scan_cache import Journal, choose_cache_dir, scans_folder
 from moca_fast.data.scan_pool import Progress, WorkerPool, format_duration, map_inline
 from moca_fast.data.scan_walk import GroupListing, Walk, list_group, listing_of
 from moca_fast.errors import ConfigError
@@ -46,8 +46,7 @@ LISTED_BAD_FILES = 20
 CHECK_CHUNK = 256  # files per task (and per journal line): at ~1.5 ms a file, well under a second
 MIN_FILES_PER_PROCESS = 64  # fewer files to check than this per process: checked in this process
 
-# verdicts (as kept in the journals) and their codes in memory
-_OK, _OK_PIL, _NOT_IMAGE, _BAD = "ok", "ok:pil", "skip", "bad:"
+# the verdicts' codes in memory
 _CODE_OK, _CODE_PIL, _CODE_NOT_IMAGE, _CODE_BAD, _CODE_DUPLICATE = 0, 1, 2, 3, 4
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 #: formats DALI decodes (JPEG, PNG, BMP, TIFF; WebP by has_signature): others are read from PNG copies
@@ -65,12 +64,6 @@ def printable(text: str) -> str:
         return repr(char)[1:-1]
 
     return _UNPRINTABLE.sub(escape, str(text))
-
-
-def cache_root() -> Path:
-    """moca_fast's cache folder: $MOCA_FAST_CACHE, else ~/.cache/moca_fast."""
-    env = os.environ.get("MOCA_FAST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moca_fast"
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -194,12 +187,12 @@ class _Scan:
     """One scan of `root`: list the groups (class folders, or the root), check what the journals do not
     know, merge into an ImageList. Work runs in a WorkerPool when it is worth starting one."""
 
-    def __init__(self, root: str, processes: int | None, progress: bool):
+    def __init__(self, root: str, processes: int | None, progress: bool, scan_cache: str | None):
         self.root = root
         self.processes = max(1, processes if processes is not None else _default_processes())
         self.progress = progress
         self.pool: WorkerPool | None = None
-        self.journal = Journal(choose_cache_dir(root, cache_root()), pixel_limit())
+        self.journal = Journal(choose_cache_dir(root, scans_folder(scan_cache)), pixel_limit())
         if self.journal.folder is None:
             log.warning("no writable place for the scan cache of %s; the next scan checks every file again",
                         printable(root))
@@ -240,7 +233,18 @@ class _Scan:
         self.stats["listed"] = sum(len(listing.rels) for listing in listings)
         self.stats["cached"] = sum(listing.cached for listing in listings)
         self.stats["list_s"] = time.monotonic() - started
+        if self.journal.folder is not None:
+            self._log_reuse()
         return listings
+
+    def _log_reuse(self) -> None:
+        """Says whether the verdicts were found (on a multi-node run: where rank 0's machine sees them)."""
+        listed, cached, folder = self.stats["listed"], self.stats["cached"], self.journal.folder
+        if cached:
+            log.info("scan cache %s: %s of %s verdicts reused", folder, f"{cached:,}", f"{listed:,}")
+        elif listed:
+            log.info("scan cache %s: no verdicts there yet, every file is checked (a first scan of this folder, "
+                     "or one made on another machine: set scan_cache to a shared folder to reuse it)", folder)
 
     # ---------------------------------------------------------------- checking
     def check(self, listings: list[GroupListing]) -> None:
@@ -346,12 +350,13 @@ def _merge(root: str, classes: list[str], listings: list[GroupListing], ignored:
 
 
 def scan_images(root: str | os.PathLike, bad_files: str = "skip", processes: int | None = None,
-                progress: bool = True, stats: dict | None = None) -> ImageList:
+                progress: bool = True, stats: dict | None = None, scan_cache: str | None = None) -> ImageList:
     """Lists and checks the images of `root` (class sub-folders or flat); see the module docstring.
 
     bad_files="skip" logs and skips undecodable files; "error" raises ConfigError naming the first.
     processes: worker processes (default: the usable cores; 1: all in this process). progress: a bar or
     periodic log lines while files are checked. stats, when given, receives the scan's counts and times.
+    scan_cache: the folder of the verdicts of every data folder (default: see scan_cache.scans_folder).
     """
     if bad_files not in ("skip", "error"):
         raise ConfigError(f"bad_files={bad_files!r} must be 'skip' or 'error'")
@@ -370,7 +375,7 @@ def scan_images(root: str | os.PathLike, bad_files: str = "skip", processes: int
         classes, groups, ignored, beside = [os.path.basename(root)], [""], [], []
         walk = Walk()
         walk.enter(root)
-    scan = _Scan(root, processes, progress)
+    scan = _Scan(root, processes, progress, scan_cache)
     try:
         listings = scan.list_groups(groups, walk.folders)
         scan.check(listings)

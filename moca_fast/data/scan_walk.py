@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moca_fast.data.image_list import PathTable
-from moca_fast.data.scan_cache import CACHE_DIR_NAME, read_journal
+from moca_fast.data.scan_cache import LEGACY_DIR_NAME, read_journal
 
 OLD_CACHE_FILE_NAME = ".moca_fast_scan.json.gz"
 
@@ -54,7 +54,7 @@ class Walk:
             name = entry.name
             entry_rel = f"{rel}/{name}" if rel else name
             if name.startswith("."):
-                if not (name.startswith(CACHE_DIR_NAME) or name.startswith(OLD_CACHE_FILE_NAME)):
+                if not (name.startswith(LEGACY_DIR_NAME) or name.startswith(OLD_CACHE_FILE_NAME)):
                     self.ignored.append((entry.path, "hidden"))
                 continue
             try:

@@ -52,7 +52,7 @@ def split_roots(data: str | None, train: str | None, val: str | None, cfg: Confi
 
 
 def _scan_classes(root: str, cfg: Config) -> ImageList:
-    images = scan_on_rank0(root, cfg.bad_files)
+    images = scan_on_rank0(root, cfg.bad_files, cfg.scan_cache)
     if not any(e.is_dir() for e in os.scandir(images.root) if not e.name.startswith(".")):
         raise ConfigError(f"{images.root} has no class sub-folders (one folder per class is needed)")
     counts = torch.bincount(torch.tensor(images.labels), minlength=len(images.classes))

@@ -33,6 +33,7 @@ from moca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from moca_fast.errors import ConfigError
 from moca_fast.eval import cli
 from moca_fast.eval.data import train_loader
+from moca_fast.records import BadRecord, read_pointer
 
 HEAD_INIT_STD = 2e-5
 NEW_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
@@ -166,7 +167,12 @@ def resume_folder(save_dir: Path, resume: str | None) -> Path | None:
         if not (path / "model.pt").is_file():
             raise ConfigError(f"--resume {resume}: no model.pt (a fine-tuning checkpoint folder is needed)")
         return path
-    return save_dir / pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    try:
+        return save_dir / read_pointer(pointer)
+    except BadRecord as e:
+        raise ConfigError(f"--resume auto: {e}") from None
 
 
 def load(folder: Path, model, optimizer, recipe: dict, rank: int) -> tuple[int, list]:

@@ -2,13 +2,14 @@
 moca_fast.viz.curves, the command's help)."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moca_fast.errors import ConfigError
 from moca_fast.figures.figure import TITLE_SIZE, new_figure, set_title
+from moca_fast.records import BadRecord, check_dict, check_int, check_number, metrics_record, read_json_file, \
+    read_json_lines, required
 
 log = logging.getLogger("moca_fast.viz")
 
@@ -51,32 +52,44 @@ def labels(folders: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(f) for f in folders]
 
 
+def _evaluation(step_key: str | None, value_key: str):
+    """The check of an evaluation file: (its step, 0 without `step_key`; its k-NN top-1)."""
+    def check(value):
+        record = check_dict(value, "the record")
+        step = required(record, step_key, check_int, 0) if step_key else 0
+        return step, required(record, value_key, check_number)
+
+    return check
+
+
 def read_run(folder: Path, label: str) -> Run:
+    """The series of a run folder; a damaged line of metrics.jsonl (cut short, not UTF-8, another shape, a number
+    that is not finite) or a damaged evaluation file is skipped, counted and named in one log line."""
     run = Run(label, folder)
-    for line in (folder / METRICS).read_text().splitlines():
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            run.skipped_lines += 1
-            continue
+    path = folder / METRICS
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    records, skipped = read_json_lines(data, path, metrics_record)
+    for record in records:
         for key, _ in PANELS:
-            if isinstance(record.get(key), (int, float)):
-                run.add(key, step, float(record[key]))
+            if key in record:
+                run.add(key, record["step"], record[key])
     for name, step_key, value_key in EVALUATION_FILES:
-        path = folder / name
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-                run.add("knn_top1", int(record[step_key]) if step_key else 0, float(record[value_key]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                run.skipped_lines += 1
+        try:
+            run.add("knn_top1", *read_json_file(folder / name, _evaluation(step_key, value_key)))
+        except FileNotFoundError:
+            pass
+        except BadRecord as e:
+            log.warning("skipped a damaged evaluation file: %s", e)
+            run.skipped_lines += 1
     if "knn_top1" in run.series:  # the evaluations in step order (the periodic ones lie between the two files)
         run.series["knn_top1"] = tuple(map(list, zip(*sorted(zip(*run.series["knn_top1"])))))
+    skipped.log(log)
+    run.skipped_lines += skipped.count
     if not run.series:
-        raise ConfigError(f"{folder / METRICS}: no metrics records")
-    if run.skipped_lines:
-        log.warning("%s: skipped %d unreadable records", folder, run.skipped_lines)
+        raise ConfigError(f"{path}: no metrics records")
     return run
 
 

@@ -17,6 +17,8 @@ from moca_fast.distributed import on_rank0
 from moca_fast.errors import ConfigError
 from moca_fast.io.safe_load import safe_load
 from moca_fast.model.moca import MOCA
+from moca_fast.records import (BadRecord, check_dict, check_int, check_number, check_str, read_json_file, read_pointer,
+                               required)
 
 log = logging.getLogger("moca_fast.train")
 
@@ -60,8 +62,8 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = read_meta(folder)["files"]
     except FileNotFoundError:
         return f"{META} is missing"
-    except (ValueError, KeyError, TypeError):
-        return f"{META} is unreadable or lists no files"
+    except BadRecord as e:
+        return f"{META} is damaged ({str(e).split(': ', 1)[-1]})"
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
@@ -106,7 +108,10 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
+    try:
+        folder = root / read_pointer(pointer)
+    except BadRecord as e:
+        raise ConfigError(str(e)) from None
     if not (folder / META).is_file():
         raise ConfigError(f"{pointer} names {folder.name}, which is not a complete checkpoint")
     return folder
@@ -139,8 +144,29 @@ def _resolve_resume(resume: str | None, output: str | os.PathLike, flag: str) ->
                       f"{CHECKPOINTS}/{LATEST}")
 
 
+def _meta(value) -> dict:
+    """meta.json's shape: what every reader of it relies on (see moca_fast.train.checkpoint's docstring)."""
+    meta = check_dict(value, "the record")
+    for name, digest in required(meta, "files", check_dict).items():
+        check_dict(digest, repr(name))
+        required(digest, "size", check_int, 0)
+        required(digest, "crc32", check_str)
+    required(meta, "world_size", check_int, 1)
+    required(meta, "step", check_int, 0)
+    required(meta, "config", check_dict)
+    for key, check, args in (("epoch", check_number, ()), ("steps_per_epoch", check_int, (1,)),
+                             ("precision", check_str, ())):
+        if key in meta:
+            check(meta[key], repr(key), *args)
+    if meta.get("data") is not None:
+        check_dict(meta["data"], "'data'")
+    return meta
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
-    return json.loads((Path(folder) / META).read_text())
+    """The meta.json of a checkpoint folder: FileNotFoundError when it is missing; BadRecord (naming the file
+    and what is wrong) when it is damaged."""
+    return read_json_file(Path(folder) / META, _meta)
 
 
 def load_model_state(folder: str | os.PathLike) -> dict:

@@ -9,7 +9,6 @@ Every file is read weights-only (safetensors, or torch.load(weights_only=True)).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from moca_fast.errors import ConfigError
 from moca_fast.io.timm_export import export_digest, weight_sizes
 from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.vit import ViTEncoder
+from moca_fast.records import BadRecord, parse_json
 
 log = logging.getLogger("moca_fast.eval")
 
@@ -136,9 +136,10 @@ def _from_safetensors(path: Path) -> Teacher:
     if "timm_kwargs" not in meta:
         raise ConfigError(f"--checkpoint {path}: no timm_kwargs metadata (not written by python -m moca_fast.io export)")
     try:
-        kwargs = json.loads(meta["timm_kwargs"])
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--checkpoint {path}: malformed export metadata: timm_kwargs is not JSON ({e})") from None
+        kwargs = parse_json(meta["timm_kwargs"].encode("utf-8", "surrogatepass"))
+    except BadRecord as e:
+        raise ConfigError(f"--checkpoint {path}: malformed export metadata: timm_kwargs is not JSON of finite "
+                          f"numbers ({e})") from None
     return _timm_teacher(path, state, kwargs, meta.get("sha256"))
 
 

@@ -26,7 +26,7 @@ from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_c
 from moca_fast.figures.training import log_eval_figures, write_run_figures
 from moca_fast.train.input_wait import InputWait
 from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
-from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
+from moca_fast.train.run_log import RunLog, read_random_init, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
@@ -34,7 +34,8 @@ from moca_fast.train.stop import StopSignal
 log = logging.getLogger("moca_fast.train")
 
 RUN_FIELDS = ("output", "max_steps", "log_every", "ckpt_every", "eval_every", "keep_checkpoints", "num_workers",
-              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change", "photometric_on")
+              "compile_blocks", "activation_memory_budget", "cpu_threads", "resume_data_change", "photometric_on",
+              "scan_cache")
 #: a checkpoint that takes longer than this may not finish within the 30 s the deepspeed launcher waits
 #: between forwarding a stop signal and SIGKILL (the previous checkpoint then stays the latest)
 SLOW_SAVE_S = 15.0
@@ -362,8 +363,7 @@ class Trainer:
 
     def _final_eval(self) -> dict:
         final = self.knn_accuracy()
-        path = self.output / "knn_random_init.json"
-        random_init = json.loads(path.read_text()) if path.is_file() else {}
+        random_init = read_random_init(self.output / "knn_random_init.json")
         result = {"knn_top1": final["top1"], "knn_top5": final["top5"],
                   "knn_top1_random_init": random_init.get("top1"), "knn_top5_random_init": random_init.get("top5"),
                   "step": self.step, "k": final["k"], "temperature": final["temperature"],

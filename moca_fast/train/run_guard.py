@@ -82,7 +82,7 @@ RUN_FIELD_EFFECTS = {
     "keep_checkpoints": "how many checkpoints are kept", "num_workers": "loader processes (same batches)",
     "compile_blocks": "compilation only", "activation_memory_budget": "recomputation only (same numbers)",
     "cpu_threads": "intra-op threads only",
-    "resume_data_change": "what a resume on other data does",
+    "resume_data_change": "what a resume on other data does", "scan_cache": "where the scan's verdicts are kept",
     "photometric_on": "where the colour operations run (the same batches, but for JPEGs decoded at a reduced "
                       "DCT scale; a checkpoint older than the setting records none)",
 }

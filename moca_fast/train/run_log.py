@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from moca_fast.figures.tensorboard import tensorboard_writer
+from moca_fast.records import (BadRecord, Skipped, check_dict, check_number, metrics_record, parse_json, read_json_file,
+                               required)
 
 log = logging.getLogger("moca_fast.train")
 
@@ -53,23 +55,42 @@ def write_env_json(path: Path, **run_facts) -> dict:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """A resumed run re-logs the steps after its checkpoint: drop the earlier records of those steps
-    (and a line cut short by a crash)."""
+    """A resumed run re-logs the steps after its checkpoint: drop the earlier records of those steps, and
+    every damaged line (cut short by a crash, not UTF-8, not a metrics record: counted and logged)."""
     if not path.is_file():
         return
-
-    def keep(line: str) -> bool:
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept, damaged = [], Skipped(str(path))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            return json.loads(line)["step"] <= step
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return False
-
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if keep(line)]
-    if len(kept) != len(lines):
+            if metrics_record(parse_json(line))["step"] <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        except BadRecord as e:
+            damaged.add(f"line {number}", str(e))
+    damaged.log(log, "metrics records (dropped)")
+    if kept != lines:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_bytes(b"".join(kept))
         os.replace(tmp, path)
+
+
+def _random_init(value) -> dict:
+    record = check_dict(value, "the record")
+    return {key: required(record, key, check_number) for key in ("top1", "top5")}
+
+
+def read_random_init(path: Path) -> dict:
+    """{"top1", "top5"} of knn_random_init.json (the k-NN before training), or {} when it is missing or damaged
+    (logged)."""
+    try:
+        return read_json_file(path, _random_init)
+    except FileNotFoundError:
+        return {}
+    except BadRecord as e:
+        log.warning("the k-NN at random initialisation is not reported: %s", e)
+        return {}
 
 
 class RunLog:

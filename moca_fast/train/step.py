@@ -55,6 +55,17 @@ class LossTotals:
         return {"loss": loss * scale, "loss_img": img * scale, "loss_loc": loc * scale}
 
 
+def optimiser_step(engine) -> None:
+    """engine.step(), with a step that overflows float32 inside the optimiser (torch raises "value cannot be
+    converted to type float without overflow") reported as the non-finite step it is."""
+    try:
+        engine.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        raise NonFiniteLossError(f"the optimiser step overflowed float32 ({e}); stopping without saving") from None
+
+
 def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], momentum: float,
                dtype: torch.dtype, totals: LossTotals) -> torch.Tensor:
     """Runs engine.gradient_accumulation_steps() micro-steps from `batches` (one optimiser step).
@@ -76,7 +87,7 @@ def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], mom
         with record_function("train.backward"):
             engine.backward(loss)
         with record_function("train.optimizer"):
-            engine.step()
+            optimiser_step(engine)
         terms = terms + torch.stack([loss.detach(), parts["img"], parts["loc"]]).float() / accumulation
     totals.add(terms)
     return terms

@@ -3,7 +3,8 @@
 From each run folder's metrics.jsonl (launch/train.py writes it): the loss, the image (cross-view) loss, the
 dense (same-view) loss and the learning rate per logged step; the teacher's k-NN top-1 at each evaluation, with
 the random initialisation (knn_random_init.json, at step 0) and the final one (eval.json) when present.
-A line of metrics.jsonl that is not a JSON record (a line cut short by a crash) is skipped and counted.
+A line of metrics.jsonl that is not a record (a line cut short by a crash, bytes that are not UTF-8, JSON of
+another shape, a number that is not finite) is skipped and counted, and so is a damaged evaluation file.
 
 python -m moca_fast.viz curves RUN [RUN ...] [--output curves.png]
 """
