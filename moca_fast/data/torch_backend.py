@@ -51,7 +51,7 @@ def load_or_substitute(files, index: int):
 
 
 class _TwoViewDataset(Dataset):
-    """Item key (epoch, rank, position, file index) -> (view1, view2 uint8 [3, S, S], failed files)."""
+    """Item key (epoch, global position, file index) -> (view1, view2 uint8 [3, S, S], failed files)."""
 
     def __init__(self, files, transform: TwoViewTransform, seed: int):
         self.files, self.transform, self.seed = files, transform, seed
@@ -60,9 +60,9 @@ class _TwoViewDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, key):
-        epoch, rank, position, index = key
+        epoch, position, index = key
         img, _, failed = load_or_substitute(self.files, index)
-        view1, view2 = self.transform(img, sample_rng(self.seed, epoch, rank, position))
+        view1, view2 = self.transform(img, sample_rng(self.seed, epoch, position))
         return view1, view2, failed
 
 
@@ -83,10 +83,10 @@ class ShardBatchSampler:
         return self.shard.steps - self.start_step
 
     def __iter__(self):
-        order, batch, rank = self.shard.order(self.epoch), self.shard.batch_size, self.shard.rank
+        order, batch = self.shard.order(self.epoch), self.shard.batch_size
         for step in range(self.start_step, self.shard.steps):
             positions = range(step * batch, (step + 1) * batch)
-            yield [(self.epoch, rank, p, int(order[p])) for p in positions]
+            yield [(self.epoch, self.shard.global_position(p), int(order[p])) for p in positions]
 
 
 class _WorkerInit:
