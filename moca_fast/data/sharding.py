@@ -95,5 +95,5 @@ class LoaderPosition:
                                   f"batch_size={self.shard.batch_size} x {self.shard.world_size} ranks")
         if not 0 <= step <= len(self):
             raise ConfigError(f"loader state step={step} is outside this loader's epoch of {len(self)} steps "
-                              f"(different data, batch_size or world_size than the checkpoint?)")
+                              f"(different data or batch_size than the checkpoint?)")
         self.epoch, self.step = epoch, step
