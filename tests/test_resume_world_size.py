@@ -53,8 +53,9 @@ def jpegs(tmp_path_factory):
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_a_run_resumes_on_another_number_of_ranks(jpegs, tmp_path, zero_stage):
     common = ["--data", str(jpegs), f"zero_stage={zero_stage}", "--max-steps", str(END_AT)]
-    runs = {ranks: _launch(ranks, common + [f"grad_accum={GRAD_ACCUM[ranks]}", "--output", str(tmp_path / f"on{ranks}")],
-                           tmp_path / f"on{ranks}.log") for ranks in (1, 2)}
+    runs = {ranks: _launch(ranks, common + [f"grad_accum={GRAD_ACCUM[ranks]}", "--output",
+                                            str(tmp_path / f"on{ranks}")], tmp_path / f"on{ranks}.log")
+            for ranks in (1, 2)}
     for ranks, run in runs.items():
         _finish(run, tmp_path / f"on{ranks}.log")
     uninterrupted = {ranks: _losses(tmp_path / f"on{ranks}") for ranks in (1, 2)}

@@ -109,6 +109,7 @@ class Trainer:
         setup_logging(self.dist.is_main)
         cfg = cfg.validate(self.dist.world_size).check_paths()
         self.precision = resolve_precision(cfg, self.dist.device)
+        self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
         self.threads = set_intra_op_threads(cfg.cpu_threads, 0 if cfg.data_backend == "synthetic" else cfg.num_workers)
         cfg = _with_demo_data(cfg, self.dist)
         self.output = Path(cfg.output)
@@ -121,8 +122,9 @@ class Trainer:
             self.resume_meta = ckpt.read_meta(self.resume_from)
             _situation(f"before step {self.resume_meta['step'] + 1}: {_saved_at(self.resume_meta['step'])}")
             cfg = check_resume_settings_on(self.resume_meta, cfg, self.dist.world_size, RUN_FIELDS)
+            if cfg.grad_accum != self.ds_config["gradient_accumulation_steps"]:  # on another number of ranks
+                self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
         self.cfg = cfg
-        self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
         self.lock = lock_run_folder(self.output, self.dist.is_main, self.dist.device)
         try:
             self._set_up(cfg)

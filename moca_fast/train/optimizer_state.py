@@ -1,14 +1,14 @@
 """The optimiser state in one file that does not depend on the number of ranks (a resume on another one).
 
 DeepSpeed's ZeRO 1/2 optimiser (and its BF16_Optimizer, where DeepSpeed picks it) keeps on each rank a slice of
-the flat fp32 master weights and of the Adam moments; its checkpoint has one such file per rank and loads only on the same
-number of ranks. So at every checkpoint the whole fp32 master weight and Adam moments of each parameter are
+the flat fp32 master weights and of the Adam moments; its checkpoint has one such file per rank and loads only
+on the same number of ranks. So at every checkpoint the whole fp32 master weight and Adam moments of each parameter are
 gathered (DeepSpeed's safe_get_full_* API, a collective) and rank 0 writes them by parameter name, with Adam's
 step count per group, to FILE. A resume on another number of ranks loads the module from DeepSpeed's files and
 writes this rank's new slices from FILE, as DeepSpeed's universal-checkpoint loader does from its one folder per
 parameter (deepspeed.checkpoint.universal_checkpoint), but in memory and with no conversion step.
 ZeRO 0 keeps no slices (fp32: torch's AdamW; bf16: FP16_UnfusedOptimizer with whole fp32 masters): its whole
-optimiser state is in DeepSpeed's model file and loads on any number of ranks.
+optimiser state is in DeepSpeed's model file, which DeepSpeed loads on any number of ranks (not tested here).
 """
 from __future__ import annotations
 
@@ -37,14 +37,17 @@ def gather_full_state(engine) -> dict | None:
     """Collective (every rank calls it). On rank 0, {"params": {name: {"fp32", "exp_avg", "exp_avg_sq"}: fp32
     CPU tensors of the parameter's shape}, "steps": [Adam's step count per optimiser group]}; None on the
     other ranks and where the optimiser keeps its state whole."""
-    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param,
+                                 safe_get_full_optimizer_state)
 
     groups = sliced_groups(engine)
     if groups is None:
         return None
     inner = engine.optimizer.optimizer
-    for group, params in zip(inner.param_groups, groups):  # DeepSpeed 0.19 links the moments to the parameters
-        lazy_init_hp_params_optimizer_state(params, group["params"][0], inner.state)  # once, before all groups have them
+    # DeepSpeed 0.19.8 links each parameter to its moments once, after the first group's first step, when the
+    # other groups have none yet (safe_get_full_optimizer_state then fails for them): linked again here
+    for group, params in zip(inner.param_groups, groups):
+        lazy_init_hp_params_optimizer_state(params, group["params"][0], inner.state)
     is_main = rank_and_world()[0] == 0
     params = {}
     for name, param in engine.module.named_parameters():
