@@ -15,6 +15,8 @@ setup(
         "moca_fast.fakegpu",
         "moca_fast.io",
         "moca_fast.viz",
+        "moca_fast.figures",
+        "moca_fast.probes",
         "moca_fast.kernels",
     ],
     package_dir={"moca_fast.kernels": "kernels"},

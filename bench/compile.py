@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel the fast path launches, for sm_90a, on any machine.
 
-    python bench/compile.py [--json FILE] [--batch 256] [--preset vit_base_dec2]
+    python -m bench compile [--json FILE] [--batch 256] [--preset vit_base_dec2]
 
 The ops run on meta tensors at the trainer's shapes (ViT-B/16, batch 256 per view by default: the teacher
 assignment of both views, both masking rounds' image and dense losses, forward with gradients) in bf16 and fp32,
@@ -26,20 +26,16 @@ import sys
 import tempfile
 import time
 
-if __name__ == "__main__":  # bench/profile.py would shadow the stdlib's `profile` (cProfile, torch._dynamo)
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime import Autotuner
+from triton.runtime.jit import create_function_from_signature
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime import Autotuner  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
-
-from moca_fast.config import load_config  # noqa: E402
-from moca_fast.kernels import codebook_assign, recording, soft_ce  # noqa: E402
-from moca_fast.model.codebook import interior_token_ids  # noqa: E402
+from moca_fast.config import load_config
+from moca_fast.kernels import codebook_assign, recording, soft_ce
+from moca_fast.model.codebook import interior_token_ids
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_LIMIT = 227 * 1024

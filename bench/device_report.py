@@ -4,7 +4,7 @@
     python3 -P bench/device_report.py summary OUT                 # OUT/{env,kernels,throughput}.json -> table
 
 Run with -P (and from anywhere): the repository root must not come first on sys.path, or its moca_fast
-would shadow the copy bench/device_env.sh assembles. The environment report prints where moca_fast and
+would shadow the copy bench/device_check.sh assembles. The environment report prints where moca_fast and
 moca_fast.kernels were imported from, so a shadowed copy shows.
 Each optional piece is "ok <version>", "missing: <why>" (not installed, or nothing here to run it on) or
 "failed: <why>" (installed but does not work here).

@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: the fused loss-path kernels vs PyTorch eager and torch.compile of the reference.
 
-    python bench/kernels.py                        # ViT-B/16 sizes, batch 256 per view, bf16 autocast, CUDA
-    python bench/kernels.py --small --out k.json   # CPU smoke run: tiny sizes, Triton interpreter, fp32
+    python -m bench kernels                        # ViT-B/16 sizes, batch 256 per view, bf16 autocast, CUDA
+    python -m bench kernels --small --out k.json   # CPU smoke run: tiny sizes, Triton interpreter, fp32
 
 Cases, built from moca_fast.model.losses (impl "reference" vs "fast"), sizes of one MOCA step:
 - teacher_assign: the targets of both views (reference: codes, bow and statistic; fused: bow and statistic),
@@ -30,10 +30,6 @@ import sys
 import time
 import traceback
 
-# bench/profile.py shadows the standard library's `profile` (imported by cProfile, which torch._dynamo
-# imports): this folder goes last on the path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
 if "--small" in sys.argv[1:]:  # CPU run: the Triton kernels need the interpreter, set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

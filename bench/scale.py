@@ -1,8 +1,8 @@
 """Start-up, worker memory and loader cost at ImageNet scale: measured here, extrapolated to 1.28 M files.
 
-    python bench/scale.py                   # 8,000 generated JPEGs (500x375, ~100 KB, 100 class folders)
-    python bench/scale.py --files 40000     # the size issue 22 measured (~4 GB of JPEGs)
-    python bench/scale.py --small           # CI smoke run: 240 small JPEGs, 20 k paths, seconds
+    python -m bench scale                   # 8,000 generated JPEGs (500x375, ~100 KB, 100 class folders)
+    python -m bench scale --files 40000     # the size issue 22 measured (~4 GB of JPEGs)
+    python -m bench scale --small           # CI smoke run: 240 small JPEGs, 20 k paths, seconds
 
 Measured, in this order:
   1. scan files/s: the first scan with 1 and with 2 worker processes (journals removed before each) and

@@ -1,8 +1,8 @@
 """End-to-end training throughput: reference vs fast path, side by side in one run.
 
-    python bench/throughput.py                     # ViT-B/16, batch 256, bf16, synthetic data, CUDA
-    python bench/throughput.py --data /imagenet    # the same with the real loader in the loop
-    python bench/throughput.py --small             # CI smoke run: tiny preset on the CPU, seconds
+    python -m bench throughput                     # ViT-B/16, batch 256, bf16, synthetic data, CUDA
+    python -m bench throughput --data /imagenet    # the same with the real loader in the loop
+    python -m bench throughput --small             # CI smoke run: tiny preset on the CPU, seconds
 
 Per variant (bench/steps.py): img/s (an image = one pair of views), median step time, MFU, peak
 memory. MFU = FLOPs of one step counted by torch.utils.flop_counter on the reference path (the
@@ -30,7 +30,8 @@ from common import (OFFICIAL_EAGER_IMG_PER_S, StepTimer, allocated_memory, count
 from flops import analytic_step_flops, count_flops  # noqa: E402
 from steps import (COMPILE_ONLY, ON_REQUEST, PRECISION, VARIANTS, Batches, VariantUnavailable,  # noqa: E402
                    fused_kernels_missing, make_step)
-from moca_fast.config import Config, ConfigError, load_config  # noqa: E402
+from moca_fast.config import Config, load_config  # noqa: E402
+from moca_fast.errors import ConfigError  # noqa: E402
 
 DESIGN_GFLOP_PER_IMG = 245.0  # DESIGN §4, MOCA ViT-B/16 step, per image pair
 # --small: the tiny preset on 4x4 patches of 2 image pairs (the interpreted Triton kernels cost

@@ -1,10 +1,11 @@
 """Fused Triton kernels of the fast path, installed as moca_fast.kernels.
 
 One module per op, each holding its Triton kernels, the torch.library custom op (autograd and fake
-registrations, so torch.compile traces around it) and the plain PyTorch reference of the same function:
+registrations, so torch.compile traces around it) and the plain PyTorch reference of the same function (built on
+moca_fast.reference_ops; the kernels import nothing of the model):
 - codebook_assign: teacher soft codebook assignment -> bag-of-words + dist_norm statistic;
 - soft_ce: KL(target || softmax(kappa f P^T)), with dense targets or with teacher codes recomputed per chunk.
-`selfcheck` compiles and checks every op at a run's shapes before training starts.
+moca_fast.model.selfcheck compiles and checks every op at a run's shapes before training starts.
 
 Where the kernels run: CUDA tensors; CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1 set
 before triton is first imported, as the tests do). Elsewhere the ops compute their PyTorch reference

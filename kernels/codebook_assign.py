@@ -1,6 +1,6 @@
 """Teacher soft codebook assignment without the [N*L, K] code matrix.
 
-Function (the reference is `assign_reference` of moca_fast.model.losses, minus its codes):
+Function (the reference is `assign_reference` of moca_fast.reference_ops, minus its codes):
   x̂ = x / max(|x|, 1e-5), cos = x̂ W^T, codes = softmax_K(inv_temp * cos),
   bow [N, K] = L1-normalise(mean of the codes of the interior tokens),
   stat = |mean over all N*L tokens of (max_K cos - mean_K cos)|.
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from moca_fast.kernels import chunk_rows, fp32_products, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
-from moca_fast.model.codebook import NORM_EPS
-from moca_fast.model.losses import assign_reference
+from moca_fast.reference_ops import NORM_EPS
+from moca_fast.reference_ops import assign_reference
 
 
 @triton.jit

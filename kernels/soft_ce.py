@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from moca_fast.kernels import chunk_rows, fp32_products, launch, matmul_dtype, mm_f32, on_gpu, runs_triton
-from moca_fast.model.codebook import NORM_EPS
-from moca_fast.model.losses import soft_target_kl_reference
+from moca_fast.reference_ops import NORM_EPS
+from moca_fast.reference_ops import soft_target_kl_reference
 
 
 @triton.jit

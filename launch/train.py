@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
-    from moca_fast.config import load_config, parse_kv
+    from moca_fast.config import load_config
+    from moca_fast.config_parse import parse_kv
 
     preset = args.preset
     if preset is None and args.config is None and args.data is None:
@@ -65,7 +66,7 @@ def resolve_config(args: argparse.Namespace):
 
 def fresh_output(path: str) -> str:
     """path, else path_1, path_2, ...: the first run folder without checkpoints (so the demo can be rerun)."""
-    from moca_fast.train.checkpoint import CHECKPOINTS
+    from moca_fast.io.checkpoints import CHECKPOINTS
 
     candidate, n = path, 0
     while (Path(candidate) / CHECKPOINTS).exists():
@@ -76,8 +77,8 @@ def fresh_output(path: str) -> str:
 
 def known_error(error: Exception, output: str | None) -> tuple[int, str] | None:
     """(exit status, line) of the errors every rank has alike (moca_fast.train.run_guard's statuses)."""
-    from moca_fast.config import ConfigError
-    from moca_fast.train.checkpoint import last_complete
+    from moca_fast.errors import ConfigError
+    from moca_fast.io.checkpoints import last_complete
     from moca_fast.train.run_guard import (EXIT_BAD_SETTING, EXIT_DISK_FULL, EXIT_NON_FINITE, DiskFullError,
                                            disk_full, mount_point)
     from moca_fast.train.step import NonFiniteLossError
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def last_complete() -> str:
-        from moca_fast.train.checkpoint import last_complete
+        from moca_fast.io.checkpoints import last_complete
 
         return last_complete(run["output"] or ".")
 

@@ -1,5 +1,6 @@
 """moca_fast: the fastest correct trainer for MOCA self-supervised ViT pretraining."""
-from moca_fast.config import Config, PRESETS, load_config
+from moca_fast.config import Config, load_config
+from moca_fast.config_presets import PRESETS
 
 __all__ = ["Config", "PRESETS", "load_config", "build_model", "MOCA"]
 

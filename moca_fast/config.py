@@ -1,4 +1,6 @@
-"""One typed config for model, optimisation, data and run; presets, YAML/CLI overrides, validation.
+"""One typed config for model, optimisation, data and run (Config, with its checks), and its loading: preset ->
+YAML file -> overrides. The presets are in config_presets, the numeric intervals in config_checks, the parsing of
+values in config_parse, the strict YAML reader in config_file; the error type in moca_fast.errors.
 
 Every MOCA hyper-parameter of the paper is a field with the paper's ViT-B/16 default
 (valeoai/MOCA main_pretrain.py + moca_vit_base_patch16_dec2). A preset is a named set of
@@ -7,15 +9,16 @@ overrides of those defaults; a YAML file or `key=value` strings override further
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An impossible or malformed setting; the message is one line naming the setting."""
+from moca_fast.config_checks import DATA_FIELDS, check_output_folder, check_ranges
+from moca_fast.config_file import read_config_file
+from moca_fast.config_parse import apply_overrides
+from moca_fast.config_presets import DEFAULT_PRESET, PRESETS, check_preset
+from moca_fast.errors import ConfigError
 
 
 @dataclass
@@ -209,202 +212,6 @@ class Config:
         return self
 
 
-#: every numeric field's allowed interval: (low, high, low included, high included); inf for no bound
-_ANY_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (0, math.inf, False, False), (0, math.inf, True, False), \
-    (1, math.inf, True, False)
-_UNIT_OPEN_HIGH, _UNIT_OPEN_LOW = (0, 1, True, False), (0, 1, False, True)
-FIELD_RANGES: dict[str, tuple] = {
-    **{name: _AT_LEAST_1 for name in (
-        "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-        "decoder_num_heads", "num_words", "num_new_words", "epochs", "batch_size", "grad_accum", "max_steps",
-        "log_every", "ckpt_every", "knn_k", "keep_checkpoints", "lr_epochs_mul")},
-    **{name: _ANY_POSITIVE for name in (
-        "mlp_ratio", "norm_eps", "inv_delta", "dist_norm_init", "kappa", "pred_mlp_ratio", "blr", "lr",
-        "knn_temperature")},
-    **{name: _NON_NEGATIVE for name in (
-        "skip_offset", "img_weight", "loc_weight", "warmup_epochs", "weight_decay", "weight_decay_end", "lr_wgen",
-        "weight_decay_wgen", "clip_grad", "num_workers", "eval_every", "cpu_threads")},
-    "in_chans": (3, 3, True, True),  # the loaders produce RGB
-    "early_layer": (0, math.inf, True, False),  # and < depth (validate)
-    "dist_norm_decay": _UNIT_OPEN_HIGH,
-    "mask_ratio": _UNIT_OPEN_HIGH,
-    "dec_mask_ratio": _UNIT_OPEN_HIGH,
-    "adam_betas": _UNIT_OPEN_HIGH,
-    "activation_memory_budget": _UNIT_OPEN_LOW,
-    "momentum_start": _UNIT_OPEN_LOW,
-    "crop_min": _UNIT_OPEN_LOW,
-    "seed": (0, 2**63, True, False),
-}
-DATA_FIELDS = ("crop_min", "num_workers")
-PAIRS = ("mask_ratio", "dec_mask_ratio", "adam_betas")
-
-
-def _interval(low, high, low_in, high_in) -> str:
-    low_text, high_text = (f"{x}" if isinstance(x, int) else f"{x:g}" for x in (low, high))
-    if low == high:
-        return low_text
-    if high == math.inf:
-        return f"{'>=' if low_in else '>'} {low_text}"
-    return f"in {'[' if low_in else '('}{low_text}, {high_text}{']' if high_in else ')'}"
-
-
-def check_ranges(cfg: Config, names=FIELD_RANGES) -> None:
-    """ConfigError (one line) for the first field outside its FIELD_RANGES interval, NaN or inf included."""
-    for name in names:
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        values = value if name in PAIRS else (value,)
-        if name in PAIRS and len(values) != 2:
-            raise ConfigError(f"{name}={list(values)} must hold exactly two values")
-        low, high, low_in, high_in = FIELD_RANGES[name]
-        for v in values:
-            inside = (v >= low if low_in else v > low) and (v <= high if high_in else v < high)
-            if not (inside and math.isfinite(v)):
-                shown = list(value) if name in PAIRS else value
-                raise ConfigError(f"{name}={shown} must be {_interval(low, high, low_in, high_in)}"
-                                  + (" (each value)" if name in PAIRS else ""))
-
-
-def check_output_folder(output: str) -> None:
-    """ConfigError unless `output` is a folder files can be written in, or can be created as one (a real probe
-    write: a read-only filesystem is found here, not at the first checkpoint)."""
-    from moca_fast.output_files import check_output_folder as check_folder
-
-    check_folder(output, f"output={output}")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's recipe: valeoai/MOCA moca_vit_base_patch16_dec2 with main_pretrain.py defaults.
-    "vit_base_dec2": {},
-    "vit_large_dec2": dict(embed_dim=1024, depth=24, num_heads=16),
-    "vit_small_dec2": dict(embed_dim=384, depth=12, num_heads=6),
-    # Unit tests: a CPU step in well under a second.
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, early_layer=1,
-                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_words=64,
-                 num_new_words=4, batch_size=4, epochs=2, warmup_epochs=0.5, num_workers=0,
-                 log_every=1, ckpt_every=50, eval_every=0),
-    # The embedded demo: a small ViT on MNIST digits, minutes on 2 CPU cores.
-    "demo": dict(img_size=28, patch_size=7, embed_dim=128, depth=4, num_heads=4, early_layer=1,
-                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, num_words=256,
-                 num_new_words=8, skip_offset=0, batch_size=64, epochs=8, warmup_epochs=0.5, blr=6e-3,
-                 lr_wgen=3e-3, weight_decay_end=0.05, momentum_start=0.97, crop_min=0.5, num_workers=2,
-                 log_every=20, ckpt_every=200, eval_every=0, output="output/demo"),
-}
-
-
-def _parse_text(value: str, base: str, optional: bool) -> Any:
-    """A value written as text (key=value on the command line, or a quoted YAML string) in the field's type."""
-    if value.lower() in ("none", "null"):
-        if optional:
-            return None
-        raise ValueError("None is not allowed")
-    if base == "tuple":
-        return tuple(float(v) for v in value.strip("[]() ").replace(",", " ").split())
-    if base == "bool":
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{value!r} is not a boolean")
-    if base == "int":
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            number = float(value)  # 1e3
-        except ValueError:
-            raise ValueError(f"{value!r} is not an integer") from None
-        if not number.is_integer():
-            raise ValueError(f"{value} is not an integer")
-        return int(number)
-    if base == "float":
-        return float(value)
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_typed(value: Any, base: str) -> Any:
-    """A value that already has a type (YAML, JSON, Python) must be of the field's type: refused, never coerced
-    (`epochs: yes` is a boolean, not 1; `output: [a, b]` is a list, not a folder name)."""
-    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                "tuple": "a list of numbers"}[base]
-    shown = type(value).__name__
-    if base == "tuple" and isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
-        return tuple(float(v) for v in value)
-    if base == "bool" and isinstance(value, bool):
-        return value
-    if base == "float" and _is_number(value):
-        return float(value)
-    if base == "int" and _is_number(value) and float(value).is_integer():
-        return int(value)
-    if base == "int" and isinstance(value, float):
-        raise ValueError(f"{value} is not an integer")
-    article = "an" if shown[0] in "aeiou" else "a"
-    raise ValueError(f"must be {expected}, not {article} {shown}" + (" (quote it to give text)" if base == "str" else ""))
-
-
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """The value of field `name` (annotated `annotation`, e.g. "float | None") in its type: text is parsed, a
-    typed value must already have the type; one-line ConfigError naming the field otherwise."""
-    optional = "None" in annotation
-    base = "tuple" if annotation.startswith("tuple") else annotation.replace(" | None", "").strip()
-    try:
-        if value is None:
-            if optional:
-                return None
-            raise ValueError("None is not allowed")
-        if isinstance(value, str):
-            return _parse_text(value, base, optional)
-        return _check_typed(value, base)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"setting {name}={value!r}: {e}") from None
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
-    for key, value in overrides.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"setting name {key!r} is not a string")
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown setting {key!r} (see moca_fast/config.py for the fields)")
-        if name in values:
-            raise ConfigError(f"setting {name} is given twice")
-        values[name] = _coerce(name, value, fields[name].type)
-    return dataclasses.replace(cfg, **values)
-
-
-def parse_kv(items: list[str]) -> dict[str, str]:
-    """`key=value` strings -> {key: value text}; a key given twice (also as a-b and a_b) is refused."""
-    out: dict[str, str] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key in out:
-            raise ConfigError(f"setting {key} is given twice ({key}={out[key]} and {item.strip()})")
-        out[key] = value.strip()
-    return out
-
-
-DEFAULT_PRESET = "vit_base_dec2"
-
-
-def check_preset(preset: Any) -> str:
-    if not isinstance(preset, str):
-        raise ConfigError(f"preset={preset!r} must be a preset name, not a {type(preset).__name__}")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return preset
-
-
 #: the fields that make the encoder's architecture (what an evaluation or an export takes from a checkpoint)
 ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 
@@ -432,8 +239,6 @@ def load_config(preset: str | None = None, yaml_path: str | Path | None = None,
     """
     entries = []
     if yaml_path is not None:
-        from moca_fast.config_file import read_config_file
-
         entries = read_config_file(yaml_path)
     for entry in entries:
         if entry.key == "preset":

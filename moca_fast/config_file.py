@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _FLOAT_TAG = "tag:yaml.org,2002:float"

@@ -8,7 +8,8 @@ moca_fast.io): from the first line of main, stops are handled (moca_fast.ending)
   temporary folder: a traceback never reaches the terminal.
 - An error that another rank's end caused here (a collective it broke) is not reported again; an error raised
   after a stop signal ends the process as that stop does.
-Only the standard library and moca_fast.ending are imported here, so that this is what a main starts with.
+Only the standard library, moca_fast.ending and moca_fast.errors are imported here, so that this is what a main
+starts with.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from moca_fast import ending
+from moca_fast.errors import CheckpointError, ConfigError
 
 EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
 
@@ -38,6 +40,19 @@ class OneLineParser(argparse.ArgumentParser):
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (300 characters at most), or its type's name."""
     return (str(error).strip().splitlines() or [""])[0][:300] or type(error).__name__
+
+
+def positive(name: str, value, minimum=1):
+    if value is not None and value < minimum:
+        raise ConfigError(f"{name} {value} must be >= {minimum}")
+    return value
+
+
+def known_error(error: Exception) -> tuple[int, str] | None:
+    """(status 2, its line) for a bad setting or input (ConfigError, CheckpointError); None for the others."""
+    if isinstance(error, (ConfigError, CheckpointError)):
+        return EXIT_BAD_INPUT, f"error: {first_line(error)}"
+    return None
 
 
 def traceback_file(folder: str | os.PathLike | None, rank: int) -> Path:

@@ -12,8 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from moca_fast.config import ConfigError
 from moca_fast.ending import unfinished_file
+from moca_fast.errors import ConfigError
 
 
 def folder_problem(folder: str | os.PathLike) -> str | None:

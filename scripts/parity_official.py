@@ -35,8 +35,8 @@ import torch.nn as nn
 
 from moca_fast.config import load_config
 from moca_fast.io import load_official, official_to_ours
-from moca_fast.model.losses import assign_reference
 from moca_fast.model.masks import make_two_complementary_masks
+from moca_fast.reference_ops import assign_reference
 
 PRESET = "tiny"
 SEED = 0

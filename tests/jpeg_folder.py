@@ -40,7 +40,7 @@ def write_run_folder(root, model, cfg, step: int = 1) -> Path:
     folder = root / "checkpoints" / f"step_{step:08d}"
     (folder / "deepspeed").mkdir(parents=True)
     torch.save({"module": model.state_dict()}, folder / "deepspeed" / "mp_rank_00_model_states.pt")
-    from moca_fast.train.checkpoint import file_digests
+    from moca_fast.io.checkpoints import file_digests
 
     (folder / "meta.json").write_text(json.dumps({"world_size": 1, "step": step, "config": cfg.to_dict(),
                                                   "files": file_digests(folder)}))

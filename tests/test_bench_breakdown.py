@@ -1,4 +1,4 @@
-"""bench/breakdown.py on hand-built traces: the GPU path (which the CPU CI cannot record) and the CPU path.
+"""The profile's categories (bench/step_profile.py's breakdown) on hand-built traces: the GPU path (which the CPU CI cannot record) and the CPU path.
 
 The GPU trace mimics torch.profiler's Chrome export: kernels link to their launching aten op by
 args["External id"] and to the host launch call by args["correlation"]; record_function ranges are
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: bench/profile.py shadows stdlib
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
-from breakdown import CATEGORIES, OPTIMIZER_RANGES, breakdown, classify  # noqa: E402
+from step_profile import CATEGORIES, OPTIMIZER_RANGES, breakdown, classify  # noqa: E402
 
 
 def _x(cat, name, ts, dur, **args):

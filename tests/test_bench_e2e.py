@@ -1,6 +1,6 @@
 """The end-to-end benchmarks' CPU smoke runs (--small), as a user runs them, and their JSON.
 
-bench/throughput.py and bench/profile.py run as subprocesses on the tiny preset (Triton kernels
+`python -m bench throughput` and `python -m bench profile` run as subprocesses on the tiny preset (Triton kernels
 under the interpreter); the JSON must hold every field with finite, positive numbers, and the
 FLOPs counted by torch.utils.flop_counter over one training step must equal the analytic count of
 the step's matrix products and attention (bench/flops.py) to 0.1 %: the analytic count covers
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "bench"))  # last: bench/profile.py shadows the standard library's profile
+sys.path.append(str(ROOT / "bench"))
 
 from flops import analytic_step_flops  # noqa: E402
 
@@ -41,14 +41,14 @@ def _positive(x) -> bool:
 @pytest.fixture(scope="module")
 def throughput(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput") / "throughput.json"
-    proc = _run(["bench/throughput.py", "--small", "--out", str(out)])
+    proc = _run(["-m", "bench", "throughput", "--small", "--out", str(out)])
     return json.loads(out.read_text()), proc.stdout
 
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
     folder = tmp_path_factory.mktemp("profile")
-    proc = _run(["bench/profile.py", "--small", "--out", str(folder / "profile.json")])
+    proc = _run(["-m", "bench", "profile", "--small", "--out", str(folder / "profile.json")])
     return json.loads((folder / "profile.json").read_text()), proc.stdout, folder
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
+from moca_fast.io import checkpoints
 from moca_fast.train import checkpoint as ckpt
 
 
@@ -39,10 +40,10 @@ def _save(output, step, engine=None, keep=3):
 
 def test_save_publishes_a_complete_folder_and_moves_latest(tmp_path):
     first = _save(tmp_path, 1)
-    assert ckpt.latest_checkpoint(tmp_path) == first
+    assert checkpoints.latest_checkpoint(tmp_path) == first
     second = _save(tmp_path, 2)
-    assert ckpt.latest_checkpoint(tmp_path) == second
-    assert ckpt.read_meta(second)["step"] == 2
+    assert checkpoints.latest_checkpoint(tmp_path) == second
+    assert checkpoints.read_meta(second)["step"] == 2
     assert torch.load(ckpt.trainer_file(second, 0), weights_only=False)["step"] == 2
     assert (second / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() == b"complete"
     assert not list((tmp_path / "checkpoints").glob(".*")), "no temporary files left"
@@ -52,11 +53,11 @@ def test_a_crash_while_writing_leaves_latest_on_the_previous_complete_checkpoint
     good = _save(tmp_path, 5)
     with pytest.raises(OSError, match="simulated crash"):
         _save(tmp_path, 6, StubEngine(crash_after_partial_write=True))
-    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert checkpoints.latest_checkpoint(tmp_path) == good
     assert not (tmp_path / "checkpoints" / "step_00000006").exists(), "the broken step is never published"
-    assert ckpt.resolve_resume("auto", tmp_path) == good
+    assert checkpoints.resolve_resume("auto", tmp_path) == good
     retried = _save(tmp_path, 6)  # the next attempt replaces the leftover temporary folder
-    assert ckpt.latest_checkpoint(tmp_path) == retried
+    assert checkpoints.latest_checkpoint(tmp_path) == retried
     assert (retried / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() == b"complete"
 
 
@@ -82,25 +83,25 @@ def test_pruning_never_counts_a_damaged_checkpoint(tmp_path):
 def test_resaving_the_same_step_replaces_it(tmp_path):
     _save(tmp_path, 3)
     again = _save(tmp_path, 3)
-    assert ckpt.latest_checkpoint(tmp_path) == again and ckpt.read_meta(again)["step"] == 3
+    assert checkpoints.latest_checkpoint(tmp_path) == again and checkpoints.read_meta(again)["step"] == 3
 
 
 def test_resume_resolution(tmp_path):
-    assert ckpt.resolve_resume(None, tmp_path) is None, "fresh start in an empty folder"
-    assert ckpt.resolve_resume("auto", tmp_path) is None, "auto with nothing to resume starts fresh"
+    assert checkpoints.resolve_resume(None, tmp_path) is None, "fresh start in an empty folder"
+    assert checkpoints.resolve_resume("auto", tmp_path) is None, "auto with nothing to resume starts fresh"
     folder = _save(tmp_path, 7)
     with pytest.raises(ConfigError, match="--resume auto"):
-        ckpt.resolve_resume(None, tmp_path)
-    assert ckpt.resolve_resume("auto", tmp_path) == folder
-    assert ckpt.resolve_resume(str(folder), tmp_path / "elsewhere") == folder
-    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == folder, "a run folder resumes its latest"
-    assert ckpt.resolve_resume(str(tmp_path / "checkpoints"), tmp_path / "elsewhere") == folder
+        checkpoints.resolve_resume(None, tmp_path)
+    assert checkpoints.resolve_resume("auto", tmp_path) == folder
+    assert checkpoints.resolve_resume(str(folder), tmp_path / "elsewhere") == folder
+    assert checkpoints.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == folder, "a run folder resumes its latest"
+    assert checkpoints.resolve_resume(str(tmp_path / "checkpoints"), tmp_path / "elsewhere") == folder
     with pytest.raises(ConfigError, match="not a checkpoint folder"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+        checkpoints.resolve_resume(str(tmp_path / "nope"), tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
-    assert ckpt.resolve_resume("auto", tmp_path) == folder, "auto: the newest complete one, whatever latest says"
+    assert checkpoints.resolve_resume("auto", tmp_path) == folder, "auto: the newest complete one, whatever latest says"
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere")
+        checkpoints.resolve_resume(str(tmp_path), tmp_path / "elsewhere")
 
 
 def _damage_truncate(folder):
@@ -130,15 +131,15 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_
     newest = _save(tmp_path, 2)
     reason = damage(newest)
     with caplog.at_level("WARNING", logger="moca_fast.train"):
-        assert ckpt.resolve_resume("auto", tmp_path) == good
+        assert checkpoints.resolve_resume("auto", tmp_path) == good
     assert f"skipping checkpoint {newest}: {reason}" in caplog.text
     with pytest.raises(ConfigError, match=f"--resume {newest}: damaged checkpoint \\({reason}\\)"):
-        ckpt.resolve_resume(str(newest), tmp_path)
+        checkpoints.resolve_resume(str(newest), tmp_path)
     with pytest.raises(ConfigError, match="damaged checkpoint"):
-        ckpt.resolve_resume(str(tmp_path), tmp_path)  # a run folder: its latest, which is damaged
+        checkpoints.resolve_resume(str(tmp_path), tmp_path)  # a run folder: its latest, which is damaged
     damage(good)
     with pytest.raises(ConfigError, match="no checkpoint verifies: step_00000002 .*; step_00000001 "):
-        ckpt.resolve_resume("auto", tmp_path)
+        checkpoints.resolve_resume("auto", tmp_path)
 
 
 def test_meta_records_each_file_size_and_crc32(tmp_path):
@@ -169,7 +170,7 @@ def test_pruning_hides_a_folder_before_deleting_it(tmp_path, monkeypatch):
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_00000002", "step_00000003"], "the half-deleted step 1 no longer looks like a checkpoint"
-    assert ckpt.resolve_resume("auto", tmp_path).name == "step_00000003"
+    assert checkpoints.resolve_resume("auto", tmp_path).name == "step_00000003"
 
 
 def test_meta_is_json_with_world_size(tmp_path):

@@ -1,7 +1,10 @@
 """Config presets, overrides and the one-line validation errors."""
 import pytest
 
-from moca_fast.config import Config, ConfigError, PRESETS, load_config, parse_kv
+from moca_fast.config import Config, load_config
+from moca_fast.config_parse import parse_kv
+from moca_fast.config_presets import PRESETS
+from moca_fast.errors import ConfigError
 
 
 def test_paper_defaults():
@@ -81,7 +84,7 @@ def test_every_numeric_field_has_a_range():
     import dataclasses
     import typing
 
-    from moca_fast.config import FIELD_RANGES
+    from moca_fast.config_checks import FIELD_RANGES
 
     hints = typing.get_type_hints(Config)
     numeric = {f.name for f in dataclasses.fields(Config) if hints[f.name] in (int, float, tuple, float | None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moca_fast.train.cpu_threads import choose_threads, intra_op_threads, usable_cores
+from moca_fast.cpu_threads import choose_threads, intra_op_threads, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 

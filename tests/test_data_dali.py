@@ -18,12 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
 from moca_fast.data import build_train_loader, scan_on_rank0
 from moca_fast.data import dali as D
 from moca_fast.data import transforms as T
 from moca_fast.data.scan import open_rgb, scan_images
 from moca_fast.data.sharding import EpochShard
+from moca_fast.errors import ConfigError
 from jpeg_folder import assert_same_batches, collect
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moca_fast.config import ConfigError
 from moca_fast.data import scan
 from moca_fast.data.scan import scan_images
 from moca_fast.data.scan_cache import CACHE_DIR_NAME
+from moca_fast.errors import ConfigError
 
 
 def jpeg_bytes(w=40, h=30, mode="RGB", seed=0):

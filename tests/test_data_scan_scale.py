@@ -17,11 +17,11 @@ import psutil
 import pytest
 from PIL import Image
 
-from moca_fast.config import ConfigError
 from moca_fast.data import scan
 from moca_fast.data.scan import scan_images
 from moca_fast.data.scan_cache import CACHE_DIR_NAME
 from moca_fast.data.scan_pool import Progress
+from moca_fast.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
 from moca_fast.data import build_eval_loader, build_train_loader, scan_images, select_backend
 from moca_fast.data import transforms as T
 from moca_fast.data.sharding import EpochShard, sample_rng
 from moca_fast.data.synthetic import IMAGENET_TRAIN_IMAGES
+from moca_fast.errors import ConfigError
 from jpeg_folder import assert_same_batches, collect
 
 NUM_IMAGES = 23

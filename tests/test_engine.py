@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from moca_fast.train.engine import generate_deepspeed_config, load_user_deepspeed_config, merge_user_config
 from free_port import free_port
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "bench"))  # last: bench/profile.py shadows the standard library's profile
+sys.path.append(str(ROOT / "bench"))
 
 import estimate  # noqa: E402
-from estimate_step import DEEPSPEED_REDUCE_BUCKET_SIZE  # noqa: E402
+from estimate import DEEPSPEED_REDUCE_BUCKET_SIZE  # noqa: E402
 from flops import analytic_step_flops  # noqa: E402
 
 from moca_fast.config import load_config  # noqa: E402
@@ -26,7 +26,7 @@ TINY = ["--preset", "tiny", "--batch-size", "8", "attention=sdpa"]
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "estimate.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bench", "estimate", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 

@@ -78,7 +78,8 @@ def test_a_read_only_filesystem_is_found_before_any_work(setup, read_only_folder
 
 
 def test_the_trainer_finds_a_read_only_output_before_it_starts(read_only_folder):
-    from moca_fast.config import ConfigError, load_config
+    from moca_fast.config import load_config
+    from moca_fast.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"output={read_only_folder / 'run'} cannot be written: "
                                           f"{read_only_folder}: Read-only file system"):

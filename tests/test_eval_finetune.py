@@ -7,7 +7,7 @@ import torch
 
 from eval_data import make_eval_data, make_run, tiny_model
 from moca_fast.eval import finetune
-from moca_fast.eval.source import load_teacher
+from moca_fast.io.teacher import load_teacher
 
 
 def test_classifier_holds_the_teacher_and_official_layer_scales(tmp_path):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from eval_data import REPO, knn_oracle, make_eval_data, make_run, tiny_cfg, tiny_model
-from moca_fast.eval.knn import SWEEP_K, SWEEP_TEMPERATURES, knn_sweep_correct
-from moca_fast.eval.source import load_teacher
+from moca_fast.io.teacher import load_teacher
+from moca_fast.probes.knn import SWEEP_K, SWEEP_TEMPERATURES, knn_sweep_correct
 
 
 def test_every_sweep_cell_matches_the_brute_force_oracle():

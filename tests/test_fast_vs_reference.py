@@ -64,10 +64,10 @@ def test_fast_path_matches_reference_path():
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """bench/kernels.py --small: runs on the CPU (interpreter), checks fused vs eager, writes its JSON."""
+    """`python -m bench kernels --small`: runs on the CPU (interpreter), checks fused vs eager, writes its JSON."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--small", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--small", "--out", str(out)],
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from moca_fast.model.fastpath import (RECOMPILE_LIMIT, FastOptions, MatmulPatchEmbed, MixedPrecisionAdamW,
                                      compile_backend, prepare_fast, trainer_fast_options)
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from moca_fast.model.moca import build_model
 from moca_fast.model.vit import Block
 from moca_fast.train.schedules import parameter_groups

@@ -14,8 +14,8 @@ import torch
 
 from jpeg_folder import write_run_folder
 from moca_fast import build_model
-from moca_fast.io import (CheckpointError, export_teacher_timm, load_model, load_official, official_to_ours,
-                          save_model, timm_spec)
+from moca_fast.errors import CheckpointError
+from moca_fast.io import export_teacher_timm, load_model, load_official, official_to_ours, save_model, timm_spec
 from moca_fast.io.__main__ import main as cli
 from moca_fast.io.official import DROPPED_KEYS, KAPPA_KEYS
 

@@ -1,4 +1,4 @@
-"""The fast path's start-up self-check (moca_fast.kernels.selfcheck) on the CPU, under Triton's interpreter:
+"""The fast path's start-up self-check (moca_fast.model.selfcheck) on the CPU, under Triton's interpreter:
 it passes on the real kernels, and stops with one line naming the op when an op is wrong or does not run."""
 import os
 
@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 from moca_fast.config import load_config  # noqa: E402
 from moca_fast.kernels import LAUNCHES, codebook_assign, soft_ce  # noqa: E402
-from moca_fast.kernels.selfcheck import SelfCheckError, check_fused_ops  # noqa: E402
+from moca_fast.model.selfcheck import SelfCheckError, check_fused_ops  # noqa: E402
 
 CFG = load_config("tiny", overrides=dict(batch_size=1, img_size=32, skip_offset=1))  # interpreter time: rows
 

@@ -15,7 +15,7 @@ from eval_data import knn_oracle
 from jpeg_folder import write_class_folders, write_run_folder
 from moca_fast import build_model
 from moca_fast.config import load_config
-from moca_fast.eval.knn import build_knn_loaders, gather_bank, knn_accuracy, knn_correct
+from moca_fast.probes.knn import build_knn_loaders, gather_bank, knn_accuracy, knn_correct
 
 FEATURE_TOL = 1e-5  # fp32 features of the same image computed in different batch compositions
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def _two_rank_main(rank, root, out):
     dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=2)
     model = _tiny_model()
     loaders = build_knn_loaders(_cfg(), f"{root}/train", f"{root}/val", rank, 2, "cpu")
-    from moca_fast.eval.knn import extract_features
+    from moca_fast.probes.knn import extract_features
 
     bank, _ = gather_bank(*extract_features(model, loaders[0]), loaders[0].num_images)
     result = knn_accuracy(model, *loaders, k=3, temperature=0.07)
@@ -108,7 +108,7 @@ def test_two_ranks_gather_the_bank_and_match_one_rank(knn_folders, tmp_path):
     model = _tiny_model()
     loaders = build_knn_loaders(_cfg(), knn_folders / "train", knn_folders / "val", 0, 1, "cpu")
     single = knn_accuracy(model, *loaders, k=3, temperature=0.07)
-    from moca_fast.eval.knn import extract_features
+    from moca_fast.probes.knn import extract_features
 
     feats, labels, indices = extract_features(model, loaders[0])
     assert torch.equal(indices, torch.arange(10)), "one rank sees every image in order"
@@ -126,7 +126,7 @@ def test_compiled_teacher_compiles_one_shape_whatever_the_ragged_batches(knn_fol
     features and accuracy are the eager model's."""
     from torch._dynamo.utils import counters
 
-    from moca_fast.eval.knn import extract_features
+    from moca_fast.probes.knn import extract_features
     from moca_fast.model.fastpath import FastOptions, prepare_fast
 
     torch._dynamo.reset()

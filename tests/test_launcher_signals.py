@@ -152,7 +152,7 @@ def test_a_stop_before_step_1_ends_every_rank_at_once_with_one_line(tmp_path, fa
 
 @pytest.mark.parametrize("fault", ["save_raises", "save_killed"])
 def test_a_rank_dying_inside_save_checkpoint_ends_the_others_with_one_line(tmp_path, fault):
-    from moca_fast.train import checkpoint as ckpt
+    from moca_fast.io import checkpoints
 
     out, log = tmp_path / "run", tmp_path / "log"
     run = _launch(["--num_gpus", "2", "--master_port", str(free_port())],
@@ -169,7 +169,7 @@ def test_a_rank_dying_inside_save_checkpoint_ends_the_others_with_one_line(tmp_p
                                r"during the training loop; step 1 is the last complete checkpoint"}[fault]
     assert len(errors) == 1 and re.fullmatch(expected, errors[0]), text[-3000:]
     assert not _frames_of_ours(text)
-    assert ckpt.resolve_resume("auto", out).name == "step_00000001"
+    assert checkpoints.resolve_resume("auto", out).name == "step_00000001"
 
 
 def test_two_nodes_on_one_machine_stop_together_and_resume_exactly(tmp_path):
@@ -255,7 +255,7 @@ def test_the_stop_agreement_is_exact_one_step_after_the_signal():
 
 def test_node_local_checkpoint_storage_is_refused():
     """With it, local rank 0 of every node would write the model file into the one shared folder."""
-    from moca_fast.config import ConfigError
+    from moca_fast.errors import ConfigError
     from moca_fast.train.engine import merge_user_config
 
     with pytest.raises(ConfigError, match="'checkpoint.use_node_local_storage' is not accepted"):

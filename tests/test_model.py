@@ -6,7 +6,7 @@ import torch
 
 import moca_fast.model.moca as moca_module
 from moca_fast import build_model
-from moca_fast.model.losses import assign_reference, soft_target_kl_reference
+from moca_fast.reference_ops import assign_reference, soft_target_kl_reference
 
 
 def test_kl_loss_hand_derived():

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from jpeg_folder import write_class_folders
 from test_safety import _cfg, _train
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from free_port import free_port
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from moca_fast.train.loop import RUN_FIELDS
 from moca_fast.train.run_guard import check_resume_settings_on
 from jpeg_folder import write_class_folders

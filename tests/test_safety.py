@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moca_fast.config import ConfigError, load_config
-from moca_fast.train import checkpoint as ckpt
-from moca_fast.train.safe_load import CheckpointLoadError
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
+from moca_fast.io import checkpoints
+from moca_fast.io.safe_load import CheckpointLoadError
 from tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def _plant(folder: Path, relative: str, marker: Path) -> Path:
     content["payload"] = WritesAMarker(marker)
     torch.save(content, path)
     meta = json.loads((folder / "meta.json").read_text())
-    meta["files"] = ckpt.file_digests(folder)
+    meta["files"] = checkpoints.file_digests(folder)
     (folder / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -73,7 +74,7 @@ PLANTED = {"trainer": "trainer_rank00000.pt", "model": "deepspeed/mp_rank_00_mod
 @pytest.mark.parametrize("kind", sorted(PLANTED))
 def test_a_pickle_payload_in_any_checkpoint_file_is_refused_on_resume(run, tmp_path, kind):
     out, marker = _copy(run, tmp_path), tmp_path / "marker"
-    planted = _plant(ckpt.latest_checkpoint(out), PLANTED[kind], marker)
+    planted = _plant(checkpoints.latest_checkpoint(out), PLANTED[kind], marker)
     with pytest.raises(CheckpointLoadError) as refused:
         _train(_cfg(out, max_steps=3), resume="auto")
     assert not marker.exists(), "the payload ran"
@@ -86,9 +87,9 @@ def test_a_payload_is_refused_by_knn_and_export(run, tmp_path, capsys):
     from moca_fast.io.__main__ import main as io_main
 
     out, marker = _copy(run, tmp_path), tmp_path / "marker"
-    planted = _plant(ckpt.latest_checkpoint(out), PLANTED["model"], marker)
+    planted = _plant(checkpoints.latest_checkpoint(out), PLANTED["model"], marker)
     with pytest.raises(CheckpointLoadError, match="refused to load io.open"):
-        ckpt.load_trained_model(str(out))
+        checkpoints.load_trained_model(str(out))
     assert knn.main(["--checkpoint", str(out)]) == 2
     assert io_main(["export", str(out), "--out", str(tmp_path / "t.pth")]) == 2
     err = capsys.readouterr().err
@@ -99,7 +100,7 @@ def test_a_payload_is_refused_by_knn_and_export(run, tmp_path, capsys):
 
 
 def test_the_clean_checkpoint_loads_weights_only(run):
-    model, cfg, folder = ckpt.load_trained_model(str(run))
+    model, cfg, folder = checkpoints.load_trained_model(str(run))
     assert folder.name == "step_00000002" and cfg.embed_dim == model.config.embed_dim
 
 
@@ -162,7 +163,7 @@ def _launch(argv) -> int:
 def _finite_checkpoints(out: Path) -> list[int]:
     steps = []
     for folder in sorted((out / "checkpoints").glob("step_*")):
-        state = ckpt.load_model_state(folder)
+        state = checkpoints.load_model_state(folder)
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), folder
         steps.append(int(folder.name.split("_")[1]))
     return steps
@@ -226,7 +227,7 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line_with_status_4(run, tmp
     assert err[-1].startswith("error: no space left on /") and "writing " + str(out / "checkpoints" / "step_00000003") \
         in err[-1] and err[-1].endswith("; step 2 is the last complete checkpoint"), err[-1]
     assert not list((out / "checkpoints").glob(".*")), "the temporary folder is removed"
-    assert ckpt.resolve_resume("auto", out).name == "step_00000002"
+    assert checkpoints.resolve_resume("auto", out).name == "step_00000002"
 
 
 def test_a_resume_while_the_disk_is_still_full_is_one_line(run, tmp_path, capfd, monkeypatch):

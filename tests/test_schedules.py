@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moca_fast import build_model
-from moca_fast.config import ConfigError, load_config
+from moca_fast.config import load_config
+from moca_fast.errors import ConfigError
 from moca_fast.model.moca import MOCA
 from moca_fast.train.schedules import Schedules, apply_schedules, parameter_groups, peak_lr
 

@@ -20,12 +20,14 @@ from PIL import Image
 
 from moca_fast.config import load_config
 from moca_fast.data.demo import prepare_demo
-from moca_fast.eval.source import load_teacher
+from moca_fast.figures.codes import code_maps
+from moca_fast.figures.curves import curves_figure
+from moca_fast.figures.images import encoder_tokens, find_images, load_images, patch_tokens
 from moca_fast.io import export_teacher_timm
-from moca_fast.train import checkpoint as ckpt
-from moca_fast.viz import codes, curves, masks, neighbors, pca
+from moca_fast.io import checkpoints
+from moca_fast.io.teacher import load_teacher
+from moca_fast.viz import codes, masks, neighbors, pca
 from moca_fast.viz.__main__ import main as viz_main
-from moca_fast.viz.images import encoder_tokens, find_images, load_images, patch_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 # the run: 20 train digits per class (200), batch 50 -> 4 steps an epoch; a k-NN (5 val digits per class)
@@ -129,14 +131,14 @@ def test_pca_colours_vary_across_the_patches_of_one_image(run):
 def _permute_codebook(run: Path, copy: Path, permutation: torch.Tensor) -> None:
     """copy: the run with its codebook's words reordered (digests re-recorded, as a real checkpoint has them)."""
     shutil.copytree(run, copy)
-    folder = ckpt.latest_checkpoint(copy)
-    state_file = next((folder / ckpt.DEEPSPEED_TAG).glob("mp_rank_*_model_states.pt"))
+    folder = checkpoints.latest_checkpoint(copy)
+    state_file = next((folder / checkpoints.DEEPSPEED_TAG).glob("mp_rank_*_model_states.pt"))
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     state["module"]["codebook.words"] = state["module"]["codebook.words"][permutation]
     torch.save(state, state_file)
-    meta = json.loads((folder / ckpt.META).read_text())
-    meta["files"] = ckpt.file_digests(folder)
-    (folder / ckpt.META).write_text(json.dumps(meta))
+    meta = json.loads((folder / checkpoints.META).read_text())
+    meta["files"] = checkpoints.file_digests(folder)
+    (folder / checkpoints.META).write_text(json.dumps(meta))
 
 
 def _legend_words(fig) -> list[int]:
@@ -147,7 +149,7 @@ def _legend_words(fig) -> list[int]:
 def test_codes_are_the_runs_own_codebook_words(run, tmp_path):
     output, val, _ = run
     teacher, shown, tokens = _inputs(output, val)
-    maps = codes.code_maps(tokens, teacher.codebook)
+    maps = code_maps(tokens, teacher.codebook)
     # the argmax of the sharpened soft-assignment is the nearest word by cosine, whatever the sharpening
     cosine = torch.nn.functional.normalize(tokens, dim=2) @ teacher.codebook.words.T
     assert np.array_equal(maps.words, cosine.argmax(dim=2).reshape(maps.words.shape).numpy())
@@ -158,7 +160,7 @@ def test_codes_are_the_runs_own_codebook_words(run, tmp_path):
 
     permutation = torch.randperm(teacher.cfg.num_words, generator=torch.Generator().manual_seed(0))
     _permute_codebook(output, tmp_path / "replaced", permutation)
-    replaced = codes.code_maps(tokens, load_teacher(str(tmp_path / "replaced"), None, "cpu").codebook)
+    replaced = code_maps(tokens, load_teacher(str(tmp_path / "replaced"), None, "cpu").codebook)
     # word i of the replaced codebook is word permutation[i] of the run's
     assert np.array_equal(permutation.numpy()[replaced.words], maps.words)
     assert not np.array_equal(replaced.words, maps.words)
@@ -216,7 +218,7 @@ def test_curves_overlay_runs_labelled_by_name(run, tmp_path):
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     (other / "metrics.jsonl").write_text("".join(json.dumps({**r, "loss": 2 * r.get("loss", 1)}) + "\n"
                                                  for r in records) + '{"step": 9, "lo')  # a line cut short
-    fig = curves.curves_figure([str(output), str(other)])
+    fig = curves_figure([str(output), str(other)])
     loss = fig.axes[0]
     assert [line.get_label() for line in loss.lines] == ["run", "second"]
     steps = [r["step"] for r in records if "loss" in r]
@@ -333,7 +335,7 @@ def test_ctrl_c_during_a_command_ends_it_with_one_line(tmp_path):
 
 def test_a_long_title_stays_inside_the_figure():
     """A source path longer than the figure is wide is wrapped, not cut at the figure's edges."""
-    from moca_fast.viz.figure import new_figure, set_title
+    from moca_fast.figures.figure import new_figure, set_title
 
     fig = new_figure(4.0, 2.0)
     set_title(fig, "Masking rounds of a training step: checkpoint " + "/a/long/run/folder" * 12 + ", step 496\nline 2")

@@ -12,9 +12,9 @@ from typing import Iterator, Protocol
 
 import torch
 
-from moca_fast.config import ConfigError
 from moca_fast.data.image_list import ImageList
 from moca_fast.data.scan import scan_images
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.data")
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 
 def _known_error(error: Exception) -> tuple[int, str] | None:
-    from moca_fast.config import ConfigError
+    from moca_fast.errors import ConfigError
 
     return (EXIT_BAD_INPUT, f"error: {first_line(error)}") if isinstance(error, ConfigError) else None
 

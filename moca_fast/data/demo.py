@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moca_fast.config import ConfigError
 from moca_fast.data.scan import cache_root
+from moca_fast.errors import ConfigError
 
 NUM_DIGITS = 5000
 DIGIT_SIDE = 28

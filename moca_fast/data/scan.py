@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moca_fast.config import ConfigError
+from moca_fast.cpu_threads import usable_cores
 from moca_fast.data.image_list import ImageList, concat_tables
 from moca_fast.data.scan_cache import Journal, choose_cache_dir
 from moca_fast.data.scan_pool import Progress, WorkerPool, format_duration, map_inline
 from moca_fast.data.scan_walk import GroupListing, Walk, list_group, listing_of
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.data")
 
@@ -186,8 +187,6 @@ def _code(verdict: str) -> int:
 
 
 def _default_processes() -> int:
-    from moca_fast.train.cpu_threads import usable_cores
-
     return usable_cores()
 
 

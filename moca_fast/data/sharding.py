@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 
 def sample_seed(*keys: int) -> int:

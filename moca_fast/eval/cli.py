@@ -1,6 +1,6 @@
 """What the four evaluation commands share: their common flags, start-up, result file, and one-line errors.
 
-Common flags: --checkpoint / --preset (the source, see moca_fast.eval.source), --data / --train / --val,
+Common flags: --checkpoint / --preset (the source, see moca_fast.io.teacher), --data / --train / --val,
 --output FILE.json, --batch-size, --num-workers, --seed. Started by torchrun / deepspeed (WORLD_SIZE > 1)
 each rank takes its share of the images (NCCL on GPUs, gloo on CPUs). A bad setting or input prints one
 line `error: ...` naming it and exits with status 2; the outputs are checked (a probe write) before any work.
@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moca_fast.config import ConfigError
 from moca_fast.distributed import on_rank0, rank_and_world
-from moca_fast.entry import EXIT_BAD_INPUT, EXIT_ERROR, OneLineParser, first_line, run_main
+from moca_fast.entry import EXIT_ERROR, OneLineParser, known_error, positive, run_main
 from moca_fast.eval.data import Splits, load_splits, split_roots
-from moca_fast.eval.source import Teacher, load_teacher
-from moca_fast.io.official import CheckpointError
+from moca_fast.io.teacher import Teacher, load_teacher
 from moca_fast.output_files import atomic_file, check_output_file, check_output_folder
 
 
@@ -43,12 +41,6 @@ def parser(protocol: str, doc: str, prog: str | None = None) -> OneLineParser:
     p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def positive(name: str, value, minimum=1):
-    if value is not None and value < minimum:
-        raise ConfigError(f"{name} {value} must be >= {minimum}")
-    return value
 
 
 def _check_outputs(output: str, folders: dict[str, str]) -> None:
@@ -87,13 +79,6 @@ def run(protocol: str, main, argv: list[str] | None) -> int:
     """Parses nothing itself: calls main(argv) -> (output, result dict, summary line) and reports it. Stops and
     errors end as one line (moca_fast.entry): a bad setting or input with status 2."""
     return run_main(lambda end: _run(protocol, main, argv, end), known=known_error)
-
-
-def known_error(error: Exception) -> tuple[int, str] | None:
-    """(status 2, its line) for a bad setting or input (ConfigError, CheckpointError); None for the others."""
-    if isinstance(error, (ConfigError, CheckpointError)):
-        return EXIT_BAD_INPUT, f"error: {first_line(error)}"
-    return None
 
 
 def _run(protocol: str, main, argv: list[str] | None, end) -> int:

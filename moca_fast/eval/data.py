@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
-from moca_fast.config import Config, ConfigError
-from moca_fast.data import build_eval_loader, scan_on_rank0
+from moca_fast.config import Config
+from moca_fast.data import scan_on_rank0
 from moca_fast.data.scan import ImageList, open_rgb
 from moca_fast.distributed import rank_and_world
+from moca_fast.errors import ConfigError
 
 
 @dataclass
@@ -76,41 +76,6 @@ def load_splits(train_root: str, val_root: str, cfg: Config) -> Splits:
                           f"({len(missing)} val classes missing from train)")
     labels = [index[val.classes[label]] for label in val.labels]
     return Splits(train, replace(val, labels=labels, classes=list(train.classes)))
-
-
-def subset(images: ImageList, keep: list[int]) -> ImageList:
-    return images.subset(keep)
-
-
-# ---------------------------------------------------------------------- features
-@torch.no_grad()
-def extract(tokens_fn, images: ImageList, cfg: Config, device, batch_size: int, desc: str,
-            features) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One pass over `images` (eval transform: resize + center crop), all ranks' shares gathered.
-
-    tokens_fn: x -> (pre-norm tokens, normed tokens) [B, 1 + L, C]; features: {name: fn(pre, normed) -> [B, D]}.
-    Returns ({name: [N, D] fp32 in image order}, labels [N]) on every rank.
-    """
-    rank, world_size = rank_and_world()
-    loader = build_eval_loader(images, cfg, rank, world_size, device, batch_size)
-    parts: dict[str, list] = {name: [] for name in features}
-    indices = []
-    for x, _, idx in tqdm(loader, desc=desc, disable=rank != 0, unit="batch", leave=False):
-        pre, normed = tokens_fn(x)
-        for name, fn in features.items():
-            parts[name].append(fn(pre, normed))
-        indices.append(idx)
-    index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device)
-    out = {name: _gather(torch.cat(p) if p else torch.empty(0, 1, device=device), index, len(images))
-           for name, p in parts.items()}
-    return out, torch.tensor(images.labels, dtype=torch.long, device=device)
-
-
-def _gather(feats: torch.Tensor, index: torch.Tensor, num_images: int) -> torch.Tensor:
-    from moca_fast.eval.knn import gather_bank
-
-    bank, _ = gather_bank(feats, torch.zeros_like(index), index, num_images)
-    return bank
 
 
 # ---------------------------------------------------------------------- augmented training data

@@ -28,8 +28,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from moca_fast.config import ConfigError
+from moca_fast.data import build_eval_loader
 from moca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from moca_fast.errors import ConfigError
+from moca_fast.eval import cli
+from moca_fast.eval.data import train_loader
 
 HEAD_INIT_STD = 2e-5
 NEW_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
@@ -221,8 +224,6 @@ def _validate(model, loader, device, world_size: int) -> tuple[float, float]:
 
 
 def _parser():
-    from moca_fast.eval import cli
-
     p = cli.parser("finetune", __doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-epochs", type=int, help="stop after this many epochs in this run (the schedule keeps --epochs)")
@@ -243,10 +244,6 @@ def _parser():
 
 
 def _evaluate(argv):
-    from moca_fast.data import build_eval_loader
-    from moca_fast.eval import cli
-    from moca_fast.eval.data import train_loader
-
     args = _parser().parse_args(argv)
     cli.positive("--epochs", args.epochs)
     cli.positive("--max-epochs", args.max_epochs)
@@ -306,6 +303,4 @@ def _evaluate(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moca_fast.eval import cli
-
     return cli.run("finetune", _evaluate, argv)

@@ -21,6 +21,11 @@ import torchvision.transforms as T
 from tqdm import tqdm
 
 from moca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from moca_fast.errors import ConfigError
+from moca_fast.eval import cli
+from moca_fast.eval.data import train_loader
+from moca_fast.io.teacher import TeacherTokens
+from moca_fast.probes.features import extract
 
 #: the official sweep: n x 10^e for e in -4..0, n in 1..9
 LEARNING_RATES = tuple(float(f"{n}e{e}") for e in range(-4, 1) for n in range(1, 10))
@@ -95,10 +100,6 @@ def _augmented_batches(loader, tokens, feature, device, epoch: int):
 
 
 def _evaluate(argv):
-    from moca_fast.eval import cli
-    from moca_fast.eval.data import extract, train_loader
-    from moca_fast.eval.source import TeacherTokens
-
     p = cli.parser("linear", __doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--features", choices=sorted(FEATURES), default="cls_avg")
@@ -124,7 +125,7 @@ def _evaluate(argv):
                                       "linear train features", kind)
         train = train[args.features]
         if len(train) // s.world_size < s.batch_size:
-            raise cli.ConfigError(f"--batch-size {s.batch_size} exceeds the {len(train) // s.world_size} "
+            raise ConfigError(f"--batch-size {s.batch_size} exceeds the {len(train) // s.world_size} "
                                   f"training images per rank")
         batches = lambda epoch: cached_batches(train, train_labels, s.batch_size, epoch, args.seed, s.rank,
                                                s.world_size)
@@ -164,6 +165,4 @@ def _evaluate(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moca_fast.eval import cli
-
     return cli.run("linear", _evaluate, argv)

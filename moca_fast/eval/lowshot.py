@@ -23,7 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
+from moca_fast.eval import cli
+from moca_fast.io.teacher import TeacherTokens
+from moca_fast.probes.features import extract, subset
 
 log = logging.getLogger("moca_fast.eval")
 
@@ -101,10 +104,6 @@ def _import_sklearn() -> None:
 
 
 def _evaluate(argv):
-    from moca_fast.eval import cli
-    from moca_fast.eval.data import extract, subset
-    from moca_fast.eval.source import TeacherTokens
-
     p = cli.parser("lowshot", __doc__.split("\n\n")[0])
     p.add_argument("--subset", action="append", default=[], metavar="FILE", help="a subset file (repeatable)")
     p.add_argument("--shots", type=int, nargs="+", default=[], help="draw N-shot subsets (e.g. 1 2 5)")
@@ -159,6 +158,4 @@ def _evaluate(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moca_fast.eval import cli
-
     return cli.run("lowshot", _evaluate, argv)

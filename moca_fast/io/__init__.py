@@ -5,7 +5,7 @@ CLI: `python -m moca_fast.io import|export --help`. The names below load on firs
 """
 import importlib
 
-_HOMES = {"load_model": "native", "save_model": "native", "CheckpointError": "official", "load_official": "official",
+_HOMES = {"load_model": "native", "save_model": "native", "load_official": "official",
           "official_to_ours": "official", "ours_to_official": "official", "export_teacher_timm": "timm_export",
           "timm_spec": "timm_export"}
 __all__ = list(_HOMES)

@@ -14,7 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from moca_fast.config import PRESETS, check_preset_agrees, parse_kv
+from moca_fast.config import check_preset_agrees
+from moca_fast.config_parse import parse_kv
+from moca_fast.config_presets import PRESETS
 from moca_fast.output_files import check_output_file
 
 
@@ -54,7 +56,7 @@ def _load(path: str, preset: str | None, overrides: dict):
             raise ValueError(f"--set {' '.join(overrides)}: {path} records its own config; --set applies only to "
                              f"an official checkpoint")
         if Path(path).is_dir():
-            from moca_fast.train.checkpoint import load_trained_model
+            from moca_fast.io.checkpoints import load_trained_model
 
             model = load_trained_model(path)[0]
         else:

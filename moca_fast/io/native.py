@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from moca_fast.config import load_config
-from moca_fast.io.official import CheckpointError, read_checkpoint
+from moca_fast.errors import CheckpointError
+from moca_fast.io.official import read_checkpoint
 from moca_fast.model.moca import MOCA
 from moca_fast.output_files import atomic_file
 

@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 
+from moca_fast.errors import CheckpointError
 from moca_fast.model.moca import MOCA, build_model
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint; the message is one line naming the file."""
 
 
 #: (official name, our name) — a pair ending in "." maps a prefix, otherwise the exact name.

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moca_fast.distributed import rank_and_world
+from moca_fast.reference_ops import NORM_EPS
 
-NORM_EPS = 1e-5
 
 
 def interior_token_ids(grid_size: int, offset: int, device=None) -> torch.Tensor:

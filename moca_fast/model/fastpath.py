@@ -38,7 +38,7 @@ import torch.nn.functional as F
 #: torch.compile recompilations allowed per code object. Every block of every encoder and decoder
 #: shares Block.forward, compiled once per input shape (and grad mode, dtype): two masking rounds, two
 #: decoder lengths and the teacher make 5 (the k-NN evaluation runs the teacher at its training shape,
-#: see moca_fast.eval.knn.extract_features); other callers' shapes (benchmarks, evaluations at other batch
+#: see moca_fast.probes.knn.extract_features); other callers' shapes (benchmarks, evaluations at other batch
 #: sizes) would soon reach dynamo's default limit of 8, past which it silently runs new shapes eagerly.
 RECOMPILE_LIMIT = 64
 

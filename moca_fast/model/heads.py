@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moca_fast.model.codebook import NORM_EPS
 from moca_fast.model.vit import Block, gather_tokens, sincos_pos_embed_2d
+from moca_fast.reference_ops import NORM_EPS
 
 
 class PrototypeGenerator(nn.Module):

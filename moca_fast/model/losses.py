@@ -1,7 +1,7 @@
 """Teacher targets and the two KL losses: the reference (pure PyTorch) path and the fast-path dispatch.
 
-The reference functions here define the semantics; the fused Triton ops in moca_fast.kernels compute
-the same functions without materialising [rows, K] tensors and are checked against these.
+The reference functions (moca_fast.reference_ops) define the semantics; the fused Triton ops in moca_fast.kernels
+compute the same functions without materialising [rows, K] tensors and are checked against them.
 """
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from moca_fast.model.codebook import NORM_EPS
+from moca_fast.reference_ops import assign_reference, soft_target_kl_reference
 
 
 @dataclass
@@ -44,39 +43,13 @@ def teacher_products(device: torch.device, products: torch.dtype | None):
     return torch.autocast(device.type, dtype=products)
 
 
-def assign_reference(tokens: torch.Tensor, words: torch.Tensor, inv_temp: torch.Tensor,
-                     interior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft codebook assignment of teacher tokens, in fp32.
-
-    tokens: [N, L, C] ([CLS] removed); words: [K, C]; inv_temp: [1]; interior: [I] patch ids.
-    Returns codes [N, L, K] = softmax_K(inv_temp * cos), bow [N, K] = L1-normalised mean of the
-    interior codes, and the dist_norm statistic |mean over tokens of (max_K cos - mean_K cos)| (scalar).
-    """
-    x = F.normalize(tokens.float(), dim=2, eps=NORM_EPS)
-    cos = F.linear(x, words.float())
-    stat = (cos.max(dim=2).values - cos.mean(dim=2)).mean().abs()
-    codes = torch.softmax(inv_temp.float() * cos, dim=2)
-    bow = F.normalize(codes[:, interior].mean(dim=1), p=1, dim=1, eps=NORM_EPS)
-    return codes, bow, stat
-
-
-def soft_target_kl_reference(features: torch.Tensor, prototypes: torch.Tensor, kappa: float,
-                             target: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(kappa * features @ prototypes^T)), summed over K, mean over rows.
-
-    features: [M, D]; prototypes: [K, D]; target: [M, K] probability rows -> scalar (fp32).
-    """
-    logits = (features.float() * kappa) @ prototypes.float().t()
-    return F.kl_div(F.log_softmax(logits, dim=1), target.float(), reduction="batchmean")
-
-
 def teacher_targets(tokens1: torch.Tensor, tokens2: torch.Tensor, words: torch.Tensor, inv_temp: torch.Tensor,
                     interior: torch.Tensor, impl: str,
                     products: torch.dtype | None = None) -> tuple[TeacherTargets, list[torch.Tensor]]:
     """Targets of both views; tokens_v: [B, L, C]. Returns (targets, [stat_view1, stat_view2]).
     products: the fused ops' teacher product dtype (`teacher_products`); the reference ignores it."""
     if impl == "fast":
-        from moca_fast.kernels.codebook_assign import codebook_assign
+        from moca_fast.kernels.codebook_assign import codebook_assign  # triton: only on the fast path
 
         with teacher_products(tokens1.device, products):
             bow1, stat1 = codebook_assign(tokens1, words, inv_temp, interior)

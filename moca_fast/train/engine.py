@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moca_fast.config import Config, ConfigError
+from moca_fast.config import Config
+from moca_fast.errors import ConfigError
 from moca_fast.model.fastpath import prepare_fast, trainer_fast_options
 from moca_fast.train.host_syncs import reduce_host_syncs
 from moca_fast.train.schedules import effective_batch_size, parameter_groups

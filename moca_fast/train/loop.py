@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 
 from moca_fast import ending
-from moca_fast.config import Config, ConfigError, save_config
+from moca_fast.config import Config, save_config
+from moca_fast.cpu_threads import set_intra_op_threads
+from moca_fast.errors import ConfigError
+from moca_fast.io import checkpoints
 from moca_fast.train import checkpoint as ckpt
-from moca_fast.train.cpu_threads import set_intra_op_threads
 from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_config, init_distributed, input_dtype,
                                     resolve_precision)
+from moca_fast.figures.training import log_eval_figures, write_run_figures
 from moca_fast.train.run_guard import check_resume_data, check_resume_settings_on, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
 from moca_fast.train.stop import StopSignal
-from moca_fast.viz.training import log_eval_figures, write_run_figures
 
 log = logging.getLogger("moca_fast.train")
 
@@ -116,10 +118,10 @@ class Trainer:
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.resume_from = ckpt.resolve_resume(resume, self.output)
+        self.resume_from = checkpoints.resolve_resume(resume, self.output)
         self.resume_meta = None
         if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
-            self.resume_meta = ckpt.read_meta(self.resume_from)
+            self.resume_meta = checkpoints.read_meta(self.resume_from)
             _situation(f"before step {self.resume_meta['step'] + 1}: {_saved_at(self.resume_meta['step'])}")
             cfg = check_resume_settings_on(self.resume_meta, cfg, self.dist.world_size, RUN_FIELDS)
             if cfg.grad_accum != self.ds_config["gradient_accumulation_steps"]:  # on another number of ranks
@@ -144,7 +146,7 @@ class Trainer:
         self.engine, _ = build_engine(MOCA(cfg, self.dist.world_size), cfg, self.dist, self.precision, self.ds_config)
         self.model = self.engine.module
         if cfg.impl == "fast" and self.dist.device.type == "cuda":  # no silent fallback: stop before step 1
-            from moca_fast.kernels.selfcheck import check_fused_ops
+            from moca_fast.model.selfcheck import check_fused_ops
 
             check_fused_ops(cfg, self.dist.device, self.dtype)
         _seed_everything(cfg.seed + self.dist.rank)
@@ -235,7 +237,7 @@ class Trainer:
         return epoch + in_epoch * self.cfg.grad_accum / len(self.loader)
 
     def knn_accuracy(self) -> dict:
-        from moca_fast.eval.knn import build_knn_loaders, knn_accuracy
+        from moca_fast.probes.knn import build_knn_loaders, knn_accuracy
 
         with torch.random.fork_rng(devices=[]):
             if self.knn_loaders is None:
@@ -338,7 +340,7 @@ class Trainer:
                 train_step(self.engine, _rng_isolated(batches), momentum, self.dtype, totals)
                 self.step += 1
                 if end.mode != ending.DEFERRED:  # a step to save from now on: a stop is agreed at a step and saved
-                    end.deferred(lambda: ckpt.last_complete(self.output))
+                    end.deferred(lambda: checkpoints.last_complete(self.output))
                 run_log.advance()
                 lr, wd = self.schedules.group_values(epoch_float)["decay"]
                 interval["values"] = {"lr": lr, "wd": wd, "lr_wgen": self.schedules.lr_wgen, "momentum": momentum}

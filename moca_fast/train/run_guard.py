@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 log = logging.getLogger("moca_fast.train")
 

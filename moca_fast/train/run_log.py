@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from moca_fast.figures.tensorboard import tensorboard_writer
+
 log = logging.getLogger("moca_fast.train")
 
 VERSIONED_PACKAGES = ("torch", "deepspeed", "triton", "torchvision", "numpy", "PIL", "nvidia.dali", "xformers",
@@ -48,15 +50,6 @@ def write_env_json(path: Path, **run_facts) -> dict:
     }
     path.write_text(json.dumps(env, indent=1, default=str))
     return env
-
-
-def tensorboard_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        log.info("tensorboard not installed (%s): no TensorBoard scalars", e)
-        return None
-    return SummaryWriter(log_dir=str(folder))
 
 
 def _drop_records_after(path: Path, step: int) -> None:

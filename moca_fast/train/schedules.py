@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from moca_fast.config import Config, ConfigError
+from moca_fast.config import Config
+from moca_fast.errors import ConfigError
 
 GROUP_NAMES = ("no_decay", "decay", "wgen_no_decay", "wgen_decay")
 

@@ -1,7 +1,7 @@
 """What the figure commands share: their flags, the source and images they read, and how they end.
 
-Source: --checkpoint / --preset, exactly as the evaluation commands take them (moca_fast.eval.source).
-Images: files or folders as arguments, or --data demo (moca_fast.viz.images). --output FILE.png (default
+Source: --checkpoint / --preset, exactly as the evaluation commands take them (moca_fast.io.teacher).
+Images: files or folders as arguments, or --data demo (moca_fast.figures.images). --output FILE.png (default
 viz_<kind>.png in the current folder; checked before any work). A command prints one line naming the PNG it
 wrote. Bad input: one line `error: ...` naming the file or setting, exit status 2; any other error: one line
 `error: rank 0: Type: message (traceback in FILE)`, exit status 1 (moca_fast.entry). SIGINT / SIGTERM / SIGHUP:
@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moca_fast.entry import OneLineParser, run_main
-from moca_fast.eval.cli import known_error, positive
-from moca_fast.eval.source import Teacher, load_teacher
+from moca_fast.entry import OneLineParser, known_error, positive, run_main
+from moca_fast.figures.figure import save_png, where
+from moca_fast.figures.images import Images, encoder_tokens, find_images, load_images, patch_tokens
+from moca_fast.io.teacher import Teacher, load_teacher
 from moca_fast.output_files import check_output_file
-from moca_fast.viz.figure import save_png, where
-from moca_fast.viz.images import Images, encoder_tokens, find_images, load_images, patch_tokens
 
 
 class FigureParser(OneLineParser):

@@ -20,11 +20,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from moca_fast.config import Config, load_config
-from moca_fast.eval.source import load_teacher
+from moca_fast.figures.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample, where
+from moca_fast.figures.images import find_images, load_images
+from moca_fast.io.teacher import load_teacher
 from moca_fast.model.masks import make_two_complementary_masks
 from moca_fast.viz import cli
-from moca_fast.viz.figure import PANEL, image_axis, new_figure, set_title, short_name, upsample, where
-from moca_fast.viz.images import find_images, load_images
 
 # round panels: what a token is in that round (the encoder's tokens show the image)
 ENCODER, DECODER_ONLY, UNUSED = 0, 1, 2

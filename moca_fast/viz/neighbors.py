@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from matplotlib.patches import Patch
 
-from moca_fast.config import Config, ConfigError
+from moca_fast.config import Config
 from moca_fast.data.scan import ImageList, scan_images
-from moca_fast.eval.data import extract, subset
-from moca_fast.eval.source import TeacherTokens
+from moca_fast.errors import ConfigError
+from moca_fast.figures.figure import image_axis, new_figure, set_title, short_name
+from moca_fast.figures.images import Images, load_images
+from moca_fast.io.teacher import TeacherTokens
+from moca_fast.probes.features import extract, subset
 from moca_fast.viz import cli
-from moca_fast.viz.figure import image_axis, new_figure, set_title, short_name
-from moca_fast.viz.images import Images, load_images
 
 PANEL = 1.4
 HEADER = 0.7

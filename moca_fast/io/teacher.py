@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moca_fast.config import (PRESETS, Config, ConfigError, apply_overrides, check_preset_agrees, check_ranges,
-                              load_config)
+from moca_fast.config import Config, check_preset_agrees, load_config
+from moca_fast.config_checks import check_ranges
+from moca_fast.config_parse import apply_overrides
+from moca_fast.config_presets import PRESETS
+from moca_fast.errors import ConfigError
 from moca_fast.io.timm_export import export_digest, weight_sizes
 from moca_fast.model.codebook import OnlineCodebook
 from moca_fast.model.vit import ViTEncoder
@@ -82,7 +85,7 @@ def _weights_mismatch(path, e: RuntimeError) -> ConfigError:
 
 
 def _from_folder(folder: str) -> Teacher:
-    from moca_fast.train.checkpoint import load_trained_model, read_meta
+    from moca_fast.io.checkpoints import load_trained_model, read_meta
 
     try:
         model, cfg, found = load_trained_model(folder, "cpu")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 from moca_fast.output_files import atomic_file
 
 DPI = 100

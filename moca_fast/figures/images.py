@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moca_fast.config import ConfigError
 from moca_fast.data.scan import ImageList, check_image, open_rgb, scan_images
 from moca_fast.data.transforms import EvalTransform, Normalizer
+from moca_fast.errors import ConfigError
 
 
 @dataclass
@@ -98,7 +98,7 @@ def patch_tokens(tokens_fn, x: torch.Tensor, batch_size: int = 64) -> torch.Tens
 def encoder_tokens(encoder):
     """tokens_fn of a bare teacher encoder, as the evaluation commands run it (bf16 autocast on a GPU):
     the final tokens after its last LayerNorm, [CLS] dropped, before any pooling."""
-    from moca_fast.eval.source import TeacherTokens
+    from moca_fast.io.teacher import TeacherTokens
 
     tokens = TeacherTokens(encoder)
     return lambda x: tokens(x)[1][:, 1:]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moca_fast.config import ConfigError
+from moca_fast.errors import ConfigError
 
 
 class CheckpointLoadError(ConfigError):

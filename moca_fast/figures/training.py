@@ -22,15 +22,15 @@ TENSORBOARD_FIGURES = ("pca", "codes")
 
 @functools.lru_cache(maxsize=2)
 def _fixed_images(val_root: str, img_size: int):
-    from moca_fast.viz.images import find_images, load_images
+    from moca_fast.figures.images import find_images, load_images
 
     return load_images(find_images([val_root], None, EVAL_IMAGES), img_size)
 
 
 def teacher_figures(model, val_root: str, step: int, dtype: torch.dtype) -> dict:
     """{"pca", "codes"}: matplotlib figures of the model's teacher and codebook on the fixed images."""
-    from moca_fast.viz import codes, pca
-    from moca_fast.viz.images import patch_tokens
+    from moca_fast.figures import codes, pca
+    from moca_fast.figures.images import patch_tokens
 
     cfg = model.config
     images = _fixed_images(str(val_root), cfg.img_size)
@@ -77,9 +77,9 @@ def write_run_figures(output: str | Path, model, val_root: str, step: int, dtype
 
 
 def _write_run_figures(output: Path, model, val_root: str, step: int, dtype: torch.dtype) -> list[Path]:
-    from moca_fast.train.run_log import tensorboard_writer
-    from moca_fast.viz.curves import curves_figure
-    from moca_fast.viz.figure import save_png
+    from moca_fast.figures.tensorboard import tensorboard_writer
+    from moca_fast.figures.curves import curves_figure
+    from moca_fast.figures.figure import save_png
 
     figures = {"curves": curves_figure([str(output)]), **teacher_figures(model, val_root, step, dtype)}
     paths = [save_png(fig, output / FIGURES / f"{name}.png") for name, fig in figures.items()]

@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moca_fast.config import Config, ConfigError
+from moca_fast.config import Config
+from moca_fast.errors import ConfigError
 from moca_fast.kernels import codebook_assign as ca
 from moca_fast.kernels import soft_ce
 from moca_fast.model.codebook import interior_token_ids
