@@ -16,6 +16,8 @@ from moca_fast.train import checkpoint as ckpt
 
 
 class StubEngine:
+    optimizer = None  # no optimiser state sliced over ranks
+
     def __init__(self, crash_after_partial_write: bool = False):
         self.crash = crash_after_partial_write
 

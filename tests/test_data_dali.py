@@ -118,7 +118,7 @@ def test_paper_views_run_a_full_epoch_over_a_folder_with_bad_files(tmp_path, cac
     for x1, x2 in batches:
         assert x1.shape == x2.shape == (4, 3, IMG_SIZE, IMG_SIZE) and x1.dtype == torch.float32
         assert torch.isfinite(x1).all() and torch.isfinite(x2).all() and not torch.equal(x1, x2)
-    assert loader.state_dict() == {"epoch": 1, "step": 0}
+    assert loader.state_dict() == {"epoch": 1, "step": 0, "samples": 0}
 
 
 def test_bad_files_error_mode_and_empty_folder_fail_before_any_pipeline(tmp_path, cache):
@@ -157,7 +157,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(folder):
     reference = collect(build_train_loader(cfg))
     interrupted = build_train_loader(cfg)
     next(iter(interrupted))
-    assert interrupted.state_dict() == {"epoch": 0, "step": 1}
+    assert interrupted.state_dict() == {"epoch": 0, "step": 1, "samples": 4}
     assert_same_batches(collect(interrupted), reference[1:])  # the live pipeline continues
     resumed = build_train_loader(cfg)
     resumed.load_state_dict({"epoch": 0, "step": 2})

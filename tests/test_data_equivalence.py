@@ -1,7 +1,7 @@
 """The DALI (CPU pipeline) and torchvision/PIL backends give the same two views of the same samples.
 
 Both backends draw each sample's random choices with transforms.sample_views from
-sample_rng(seed, epoch, rank, position) (the DALI pipeline receives them as inputs), so for one
+sample_rng(seed, epoch, global position) (the DALI pipeline receives them as inputs), so for one
 (seed, epoch, rank) their batches hold the same images with the same crops, jitter, grayscale, blur,
 solarize and flip. What differs is the implementation of the operations (module docstring of
 moca_fast.data.dali): decoding, the antialiased resize and the blur. Bound: mean absolute difference

@@ -128,7 +128,7 @@ def test_batches_are_the_rank_shard_augmented_per_position(folder):
         for i in range(4):
             position = step * 4 + i
             img = Image.open(files[order[position]]).convert("RGB")
-            v1, v2 = transform(img, sample_rng(cfg.seed, 4, 1, position))
+            v1, v2 = transform(img, sample_rng(cfg.seed, 4, 1 + 2 * position))  # rank 1 of 2: global 1 + 2p
             assert torch.equal(x1[i], normalize(v1[None])[0]) and torch.equal(x2[i], normalize(v2[None])[0])
         assert not torch.equal(x1, x2)
         pixels = (torch.cat([x1, x2]) * torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
@@ -152,7 +152,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(folder):
     full = build_train_loader(cfg)
     full.set_epoch(1)
     expected = collect(full)
-    assert full.state_dict() == {"epoch": 2, "step": 0}
+    assert full.state_dict() == {"epoch": 2, "step": 0, "samples": 0}
 
     interrupted = build_train_loader(cfg)
     interrupted.set_epoch(1)
@@ -160,12 +160,59 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(folder):
         if step == 2:
             break
     state = interrupted.state_dict()
-    assert state == {"epoch": 1, "step": 3}
+    assert state == {"epoch": 1, "step": 3, "samples": 9}
 
     resumed = build_train_loader(cfg)
     resumed.load_state_dict(state)
     resumed.set_epoch(1)  # a training loop's set_epoch keeps the resumed position
     assert_same_batches(collect(resumed), expected[3:])
+
+
+def _samples(batches) -> list[torch.Tensor]:
+    """The (view1, view2) of every sample of a list of batches, in order."""
+    return [torch.stack([x1[i], x2[i]]) for x1, x2 in batches for i in range(len(x1))]
+
+
+def test_the_epoch_order_and_views_are_global_and_a_position_resumes_on_another_world_size(folder):
+    cfg = config(folder, batch_size=2)  # global batch 4: 2 ranks x grad_accum 1, or 1 rank x grad_accum 2
+    one = build_train_loader(cfg, 0, 1)
+    one.set_epoch(1)
+    single = _samples(collect(one))
+    ranks = [build_train_loader(cfg, r, 2) for r in range(2)]
+    per_rank = []
+    for loader in ranks:
+        loader.set_epoch(1)
+        per_rank.append(_samples(collect(loader)))
+    # micro-batch j of the two ranks together is the single rank's samples 4j .. 4j+3: rank r has 4j + r + 2i
+    assert len(per_rank[0]) == len(per_rank[1]) == 10
+    for rank, samples in enumerate(per_rank):
+        for p, sample in enumerate(samples):
+            assert torch.equal(sample, single[rank + 2 * p]), (rank, p)
+
+    # stopped on 2 ranks after 2 batches each (8 samples), continued on 1 rank: its samples from the 9th on
+    stopped = []
+    for loader in [build_train_loader(cfg, r, 2) for r in range(2)]:
+        loader.set_epoch(1)
+        for step, _ in enumerate(loader):
+            if step == 1:
+                break
+        stopped.append(loader.state_dict())
+    assert stopped == [{"epoch": 1, "step": 2, "samples": 8}] * 2
+    resumed = build_train_loader(cfg, 0, 1)
+    resumed.load_state_dict(stopped[0])
+    resumed.set_epoch(1)
+    assert resumed.state_dict()["step"] == 4
+    remaining = _samples(collect(resumed))
+    assert len(remaining) == len(single) - 8 and all(torch.equal(a, b) for a, b in zip(remaining, single[8:]))
+
+    # and back: stopped on 1 rank after 4 batches (8 samples), continued on 2 ranks
+    for rank in range(2):
+        resumed = build_train_loader(cfg, rank, 2)
+        resumed.load_state_dict({"epoch": 1, "step": 4, "samples": 8})
+        resumed.set_epoch(1)
+        assert all(torch.equal(a, single[8 + rank + 2 * p]) for p, a in enumerate(_samples(collect(resumed))))
+    with pytest.raises(ConfigError, match="samples=6 is not a whole number of batches of batch_size=2 x 2 ranks"):
+        build_train_loader(cfg, 0, 2).load_state_dict({"epoch": 1, "step": 3, "samples": 6})
 
 
 def test_batches_depend_on_the_seed_not_on_the_workers(folder):
@@ -195,7 +242,7 @@ def test_a_file_unreadable_mid_run_is_substituted_and_counted(tmp_path):
     assert len(batches) == 2 and loader.substituted == 1
     assert [p for p, _ in loader.skipped] == [files[index]]
     substitute = Image.open(files[(index + 1) % 8]).convert("RGB")
-    v1, _ = T.TwoViewTransform(32, cfg.crop_min)(substitute, sample_rng(cfg.seed, 0, 0, 5))
+    v1, _ = T.TwoViewTransform(32, cfg.crop_min)(substitute, sample_rng(cfg.seed, 0, 5))
     assert torch.equal(batches[1][0][1], T.Normalizer("cpu")(v1[None])[0])
 
 

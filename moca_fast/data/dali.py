@@ -2,9 +2,9 @@
 pipeline (one definition for both devices, its operations and their PIL arithmetic): moca_fast.data.dali_pipeline.
 
 Inputs: the pipeline has no file reader and no random operator. A torch DataLoader over the same
-batch sampler as the torch backend (keys (epoch, rank, position, index), the rank's EpochShard order)
+batch sampler as the torch backend (keys (epoch, global position, index), the rank's EpochShard order)
 reads each file's bytes in its workers, takes the image size from the header, and draws the sample's
-random choices with transforms.sample_views from sample_rng(seed, epoch, rank, position): the very
+random choices with transforms.sample_views from sample_rng(seed, epoch, global position): the very
 choices the torch backend makes for that sample. The batch of encoded files and choices is fed to the
 pipeline through an external source. So the pipeline is built once per run, every batch is a fixed
 function of (seed, epoch, rank, step), and a resume starts the DataLoader at the saved step: nothing
@@ -74,7 +74,7 @@ def _header_size(data: bytes) -> tuple[int, int]:
 
 
 class _EncodedDataset(Dataset):
-    """Key (epoch, rank, position, file index) -> (encoded bytes uint8 [n], the views' choices, failed files).
+    """Key (epoch, global position, file index) -> (encoded bytes uint8 [n], the views' choices, failed files).
 
     A file that cannot be read, is no longer in a format DALI decodes or whose header does not parse is
     replaced by the next usable file of the list; `unusable` holds the indices found broken before."""
@@ -105,9 +105,9 @@ class _EncodedDataset(Dataset):
                            f"{printable(failed[0][1])}; the data folder changed since it was scanned")
 
     def __getitem__(self, key):
-        epoch, rank, position, index = key
+        epoch, position, index = key
         data, (width, height), failed = self.read(index)
-        views = sample_views(sample_rng(self.seed, epoch, rank, position), width, height, self.crop_min, self.recipes)
+        views = sample_views(sample_rng(self.seed, epoch, position), width, height, self.crop_min, self.recipes)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), [view_inputs(v) for v in views], failed
 
 

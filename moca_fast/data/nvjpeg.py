@@ -1,7 +1,7 @@
 """The GPU-decoding backend without DALI: torchvision's nvJPEG decoder, batched on the device.
 
 The loader's workers read each file's bytes and its header (no decoding), draw the sample's choices exactly as
-the torch backend does (transforms.sample_views from sample_rng(seed, epoch, rank, position)) and hand over the
+the torch backend does (transforms.sample_views from sample_rng(seed, epoch, global position)) and hand over the
 encoded JPEG. The main process decodes the batch's JPEGs at once on the loader's device
 (torchvision.io.decode_jpeg, nvJPEG on a GPU; on the CPU the same code decodes with libjpeg, which is how it is
 tested), crops each view's window, resizes it (bilinear, antialiased: torch's counterpart of PIL's filter),

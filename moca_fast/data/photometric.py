@@ -4,7 +4,7 @@ The loader's workers decode, crop, resize and flip (moca_fast.data.transforms.cr
 `Photometric` then applies each sample's colour jitter (in its own order), grayscale, Gaussian blur and
 solarize to the whole batch at once, on any device (CPU tensors too). The parameters are the ones
 transforms.sample_views drew on the host for that sample, packed per view by `pack_params`, so a batch stays
-a fixed function of (seed, epoch, rank, step).
+a fixed function of (seed, epoch, global position of the sample).
 
 Every operation reproduces the arithmetic of torchvision's PIL path (the reference, transforms.apply_view):
   brightness, contrast, saturation  PIL's Image.blend in float32, truncated to uint8 (clamped when extrapolating);

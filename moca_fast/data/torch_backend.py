@@ -68,7 +68,7 @@ class _PilTwoViews:
 
 
 class _TwoViewDataset(Dataset):
-    """Item key (epoch, rank, position, file index) -> (*read_views(file, the sample's generator), failed files)."""
+    """Item key (epoch, global position, file index) -> (*read_views(file, the sample's generator), failed files)."""
 
     def __init__(self, files, read_views, seed: int):
         self.files, self.read_views, self.seed = files, read_views, seed
@@ -77,9 +77,9 @@ class _TwoViewDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, key):
-        epoch, rank, position, index = key
+        epoch, position, index = key
         views, _, failed = load_or_substitute(
-            self.files, index, lambda path: self.read_views(path, sample_rng(self.seed, epoch, rank, position)))
+            self.files, index, lambda path: self.read_views(path, sample_rng(self.seed, epoch, position)))
         return *views, failed
 
 
@@ -106,10 +106,10 @@ class ShardBatchSampler:
         return self.shard.steps - self.start_step
 
     def __iter__(self):
-        order, batch, rank = self.shard.order(self.epoch), self.shard.batch_size, self.shard.rank
+        order, batch = self.shard.order(self.epoch), self.shard.batch_size
         for step in range(self.start_step, self.shard.steps):
             positions = range(step * batch, (step + 1) * batch)
-            yield [(self.epoch, rank, p, int(order[p])) for p in positions]
+            yield [(self.epoch, self.shard.global_position(p), int(order[p])) for p in positions]
 
 
 class _WorkerInit:

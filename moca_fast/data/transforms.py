@@ -2,7 +2,7 @@
 
 The official code draws its random parameters from the global torch/python generators inside
 torchvision transforms. Here every random choice is drawn from an explicit `random.Random` (one
-per sample, seeded from (seed, epoch, rank, position)), so the views are a deterministic function
+per sample, seeded from (seed, epoch, global position)), so the views are a deterministic function
 of the sample's position, whatever the worker scheduling. The distributions and the image
 operations (torchvision's PIL path) are the official ones:
 

@@ -25,7 +25,7 @@ from moca_fast.train.engine import (DistInfo, barrier, build_engine, deepspeed_c
                                     resolve_precision)
 from moca_fast.figures.training import log_eval_figures, write_run_figures
 from moca_fast.train.input_wait import InputWait
-from moca_fast.train.run_guard import check_resume_data, check_resume_settings, lock_run_folder, non_finite_state
+from moca_fast.train.run_guard import check_resume_data, check_resume_settings_on, lock_run_folder, non_finite_state
 from moca_fast.train.run_log import RunLog, read_random_init, setup_logging, write_env_json
 from moca_fast.train.schedules import Schedules, apply_schedules, effective_batch_size
 from moca_fast.train.step import LossTotals, NonFiniteLossError, train_step
@@ -115,7 +115,7 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.dist.device)
         self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
         self.threads = set_intra_op_threads(cfg.cpu_threads, 0 if cfg.data_backend == "synthetic" else cfg.num_workers)
-        self.cfg = cfg = _with_demo_data(cfg, self.dist)
+        cfg = _with_demo_data(cfg, self.dist)
         self.output = Path(cfg.output)
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,10 @@ class Trainer:
         if self.resume_from is not None:  # read-only so far: the lock is taken once nothing refuses the run
             self.resume_meta = checkpoints.read_meta(self.resume_from)
             _situation(f"before step {self.resume_meta['step'] + 1}: {_saved_at(self.resume_meta['step'])}")
-            check_resume_settings(self.resume_meta["config"], cfg.to_dict(), RUN_FIELDS)
+            cfg = check_resume_settings_on(self.resume_meta, cfg, self.dist.world_size, RUN_FIELDS)
+            if cfg.grad_accum != self.ds_config["gradient_accumulation_steps"]:  # on another number of ranks
+                self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.precision, deepspeed_config_path)
+        self.cfg = cfg
         self.lock = lock_run_folder(self.output, self.dist.is_main, self.dist.device)
         try:
             self._set_up(cfg)
@@ -198,11 +201,20 @@ class Trainer:
             return None
         state = ckpt.load_checkpoint(self.engine, self.resume_from, self.dist.world_size)
         self.step = self.last_saved = state["step"]
-        if self.data_change is None:
-            self.loader.load_state_dict(state["loader"])
+        written_by = self.resume_meta["world_size"]
+        if self.data_change is None:  # a checkpoint older than the global position: its world size's batches
+            self.loader.load_state_dict({"samples": state["loader"]["step"] * self.cfg.batch_size * written_by,
+                                         **state["loader"]})
         else:
             self._continue_on_new_data()
         log.info("resumed from %s at step %d", self.resume_from, self.step)
+        if written_by != self.dist.world_size and self.dist.is_main:
+            new_ranks = (f"; ranks {written_by} to {self.dist.world_size - 1} start their random generators from "
+                         f"seed + rank" if self.dist.world_size > written_by else "")
+            log.warning("resumed on %d ranks a run of %d: the same global batch, schedules and sample order, the "
+                        "optimiser state re-sliced; the codebook takes %d new words per step from now on (as a run "
+                        "started on %d ranks)%s", self.dist.world_size, written_by,
+                        self.cfg.words_per_step(self.dist.world_size), self.dist.world_size, new_ranks)
         return state["rng"]
 
     def _continue_on_new_data(self) -> None:

@@ -100,6 +100,31 @@ def check_resume_settings(old: dict, new: dict, run_fields: tuple[str, ...]) -> 
         log.info("resuming with %s %r -> %r (%s)", k, old.get(k), new.get(k), RUN_FIELD_EFFECTS.get(k, "allowed"))
 
 
+def check_resume_settings_on(meta: dict, cfg, world_size: int, run_fields: tuple[str, ...]):
+    """check_resume_settings against checkpoint `meta`; returns cfg, with grad_accum adjusted where the run
+    resumes on another number of ranks, so that the global batch (batch_size x ranks x grad_accum) stays the
+    checkpoint's. Refused in one line where it cannot stay (or cfg asks for another grad_accum)."""
+    old, written_by = meta["config"], meta["world_size"]
+    if written_by == world_size:
+        check_resume_settings(old, cfg.to_dict(), run_fields)
+        return cfg
+    check_resume_settings({**old, "grad_accum": cfg.grad_accum}, cfg.to_dict(), run_fields)
+    global_batch = old["batch_size"] * written_by * old["grad_accum"]
+    grad_accum, partial = divmod(global_batch, cfg.batch_size * world_size)
+    if partial:
+        raise ConfigError(f"the checkpoint was trained with a global batch of {global_batch} (batch_size="
+                          f"{old['batch_size']} x {written_by} ranks x grad_accum={old['grad_accum']}), which "
+                          f"batch_size={cfg.batch_size} x {world_size} ranks does not divide: resume on a number of "
+                          f"ranks that divides {global_batch // cfg.batch_size}")
+    if cfg.grad_accum not in (old["grad_accum"], grad_accum):
+        raise ConfigError(f"grad_accum={cfg.grad_accum} on {world_size} ranks changes the checkpoint's global batch "
+                          f"of {global_batch}: leave grad_accum={old['grad_accum']} (it becomes {grad_accum} on "
+                          f"{world_size} ranks)")
+    log.info("resuming on %d ranks a run of %d: grad_accum %d -> %d keeps the global batch of %d", world_size,
+             written_by, old["grad_accum"], grad_accum, global_batch)
+    return cfg.replace(grad_accum=grad_accum)
+
+
 def check_resume_data(old: dict | None, new: dict, checkpoint: Path, policy: str) -> str | None:
     """None if the data are the checkpoint's (or it recorded none: logged). Otherwise refuses the resume
     (ConfigError, one line saying what changed), or with policy "continue" returns what changed."""
