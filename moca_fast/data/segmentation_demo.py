@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from moca_fast.data.demo import DIGIT_SIDE, build_once, demo_split, load_mnist_5k
-from moca_fast.data.scan import cache_root
+from moca_fast.data.scan_cache import cache_root
 
 MOSAIC = 2
 DIGIT_P = 0.8
