@@ -137,7 +137,7 @@ def _resumes_exactly(engine, cfg, dist_info, momentum) -> bool:
     batches = [(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)) for _ in range(2)]
     states = []
     with tempfile.TemporaryDirectory() as output:
-        folder = save_checkpoint(engine, output, 1, {}, {"world_size": 1}, keep=1)
+        folder = save_checkpoint(engine, output, 1, {}, {"world_size": 1, "config": cfg.to_dict()}, keep=1)
         torch.manual_seed(1)
         second, _ = build_engine(MOCA(cfg, 1), cfg, dist_info, "bf16")
         load_checkpoint(second, folder, 1)
