@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import resource
 import time
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def photo_like_jpegs(count: int, size: tuple[int, int]) -> Path:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live descendants."""
-    total = 0.0
+    """User + system CPU seconds of this process, its live descendants and the children it has reaped (loader
+    workers that ended at an epoch's end: without them a timed span that crosses an epoch loses their time)."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = reaped.ru_utime + reaped.ru_stime
     for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
         try:
             times = proc.cpu_times()

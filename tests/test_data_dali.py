@@ -306,7 +306,9 @@ def test_two_ranks_read_disjoint_shards_covering_each_epoch(tmp_path):
 
 def test_data_benchmark_small_mode(tmp_path):
     out = tmp_path / "data.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "data.py"), "--small", "--out", str(out)],
+    # 24 timed batches: enough CPU time per row for the clock's 10 ms tick (the split path is fast)
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "data.py"), "--small", "--steps", "24",
+                          "--out", str(out)],
                          cwd=REPO, env={**os.environ, "MOCA_FAST_CACHE": str(tmp_path / "cache")},
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
