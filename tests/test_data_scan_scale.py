@@ -22,6 +22,7 @@ from moca_fast.data.scan import scan_images
 from moca_fast.data.scan_cache import journal_folder, scans_folder
 from moca_fast.data.scan_pool import Progress
 from moca_fast.errors import ConfigError
+from spawned_ranks import CONTEXT, start_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,13 +252,8 @@ def _slow_rank0(rank, init_file, results):
 
 
 def test_ranks_wait_for_a_long_rank0_computation_past_the_process_group_timeout(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_slow_rank0, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
-    for p in procs:
-        p.start()
+    results = CONTEXT.Queue()
+    procs = start_ranks(_slow_rank0, [(r, str(tmp_path / "init"), results) for r in range(2)])
     try:
         got = [results.get(timeout=120) for _ in range(4)]
     finally:

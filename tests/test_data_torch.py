@@ -16,6 +16,7 @@ from moca_fast.data.sharding import EpochShard, sample_rng
 from moca_fast.data.synthetic import IMAGENET_TRAIN_IMAGES
 from moca_fast.errors import ConfigError
 from jpeg_folder import assert_same_batches, collect
+from spawned_ranks import CONTEXT, start_ranks
 
 NUM_IMAGES = 23
 
@@ -311,19 +312,13 @@ def _scan_on_two_ranks(rank, root, bad_files, init_file, results):
 
 
 def test_rank0_scans_and_every_rank_gets_its_list_or_its_error(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
     folder = write_jpegs(tmp_path / "imgs", 6)
     for run, bad_files in enumerate(("skip", "error")):
         if bad_files == "error":
             (folder / "c0" / "zz_bad.jpg").write_bytes(b"")
-        results = ctx.Queue()
+        results = CONTEXT.Queue()
         init_file = tmp_path / f"init{run}"
-        procs = [ctx.Process(target=_scan_on_two_ranks, args=(r, str(folder), bad_files, init_file, results))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
+        procs = start_ranks(_scan_on_two_ranks, [(r, str(folder), bad_files, init_file, results) for r in range(2)])
         got = dict(results.get(timeout=60) for _ in procs)
         for p in procs:
             p.join(timeout=60)
