@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eval_data import REPO, knn_oracle, make_eval_data, make_run, tiny_cfg, tiny_model
+from moca_fast.cpu_threads import choose_threads
 from moca_fast.io.teacher import load_teacher
 from moca_fast.probes.knn import SWEEP_K, SWEEP_TEMPERATURES, knn_sweep_correct
 
@@ -52,6 +53,12 @@ def test_cli_sweep_on_a_run_folder(one_rank):
     assert (result["top1"], result["k"], result["temperature"]) == (best["top1"], best["k"], best["temperature"])
     assert proc.stdout.strip().splitlines()[-1].startswith(f"k-NN: top-1 {best['top1']:.2f} %")
     assert result["val_images"] == 9 and result["train_images"] == 18
+
+
+def test_torch_gets_the_cores_the_loader_leaves_as_in_training(one_rank):
+    choice = choose_threads(0, 0)  # the command's environment and cores; --num-workers 0
+    assert f"torch intra-op threads per rank: {choice.threads} ({choice.reason}; cpu_threads=N overrides)" in \
+        one_rank[0].stderr
 
 
 def test_two_gloo_ranks_give_the_one_rank_sweep(run_and_data, one_rank, tmp_path):

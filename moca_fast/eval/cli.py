@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moca_fast.cpu_threads import set_intra_op_threads
 from moca_fast.distributed import on_rank0, rank_and_world
 from moca_fast.entry import EXIT_ERROR, OneLineParser, known_error, positive, run_main
 from moca_fast.eval.data import Splits, load_splits, split_roots
@@ -74,6 +75,7 @@ class Session:
         if args.num_workers is not None:
             cfg = cfg.replace(num_workers=positive("--num-workers", args.num_workers, 0))
         self.cfg = cfg
+        self.threads = set_intra_op_threads(cfg.cpu_threads, cfg.num_workers) if self.device.type == "cpu" else None
         if class_folders:
             self.splits: Splits = load_splits(*split_roots(args.data, args.train, args.val, cfg), cfg)
 

@@ -14,7 +14,7 @@ linear head on patch features computed once, of non-overlapping windows at the b
 quick check). --shots N ... --splits S: low-shot, split s keeps the first N images of a permutation of the
 training images by numpy's default_rng(seed + s); mean and std (population) of the mIoU over the splits.
 --random-init (default with --data demo) scores the same architecture at random initialisation beside it.
-On a CPU, torch gets the cores left after the loader's workers (moca_fast.cpu_threads, as the trainer).
+On a CPU, torch gets the cores left after the loader's workers (moca_fast.cpu_threads, as the trainer; cli.Session).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from moca_fast.errors import ConfigError
-from moca_fast.cpu_threads import set_intra_op_threads
 from moca_fast.data.segmentation import SHOWN_NAMES, load_segmentation
 from moca_fast.data.segmentation_demo import prepare_segmentation_demo
 from moca_fast.data.segmentation_loader import SCALE, EndlessBatches, TrainCrops, WholeImages, one_image
@@ -183,7 +182,6 @@ def _evaluate(argv):
     _check(args)
     recipe = DEMO_RECIPE if args.data == "demo" else RECIPE
     s = cli.Session(args, default_batch=recipe["batch_size"], class_folders=False)
-    threads = set_intra_op_threads(s.cfg.cpu_threads, s.cfg.num_workers) if s.device.type == "cpu" else None
     root = prepare_segmentation_demo() if args.data == "demo" else args.data
     train, val = load_segmentation(root, "train", args.layout), load_segmentation(root, "val", args.layout)
     runner = _Runner(args, s, train, val)
@@ -222,7 +220,7 @@ def _evaluate(argv):
                      "layer_decay": args.layer_decay if args.finetune else None, "window": runner.window,
                      "stride": runner.stride, "base_size": runner.base, "seed": args.seed,
                      "shots": args.shots, "splits": args.splits if args.shots else 1,
-                     "cpu_threads": threads.threads if threads else None},
+                     "cpu_threads": s.threads.threads if s.threads else None},
         "train_images": len(train), "val_images": runner.val_count,
         "skipped_pairs": {f"{split.split}: {why}": len(names) for split in (train, val)
                           for why, names in split.skipped.items()},
