@@ -10,13 +10,17 @@ its state must be the saved one, bit for bit, and after the same third step its 
 moments and step counts must equal the original run's, bit for bit. Every rank sees the same batch, so the
 2-rank average of the gradients is exact, and clip_grad=0, so no norm summed in another order enters the step:
 a moment misplaced, lost or zeroed shows. The optimisers and file names covered: DeepSpeedZeroOptimizer fp32
-(zero_pp_rank_*) under ZeRO 1 and 2, bf16 (bf16_zero_pp_rank_*) under ZeRO 2, and BF16_Optimizer (bf16, ZeRO 1,
-data_types.grad_accum_dtype=fp32; its partitions are written with their padding).
+(zero_pp_rank_*) under ZeRO 1 and 2, bf16 (bf16_zero_pp_rank_*) under ZeRO 2, BF16_Optimizer (bf16, ZeRO 1,
+data_types.grad_accum_dtype=fp32; its partitions are written with their padding), and ZeRO 2 with
+elastic_checkpoint (the moments written without padding) and parameter_alignment (padding after each parameter
+whose size is not a multiple of 4 values: the tiny model has none, so only the bookkeeping of that path runs).
+round_robin_gradients is refused (see moca_fast.train.optimizer_state).
 """
 import os
 import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,12 +31,14 @@ from free_port import free_port
 from moca_fast.config import load_config
 from moca_fast.errors import ConfigError
 from moca_fast.io.safe_load import deepspeed_globals
-from moca_fast.train.optimizer_state import MODEL_FILE, read_full_state
+from moca_fast.train.optimizer_state import MODEL_FILE, read_full_state, refuse_round_robin
 
 LR = 1e-3
-#: (zero_stage, precision, the DeepSpeed config's data_types)
-OPTIMIZERS = {"fp32-zero1": (1, "fp32", None), "fp32-zero2": (2, "fp32", None), "bf16-zero2": (2, "bf16", None),
-              "bf16-zero1-fp32-accumulation": (1, "bf16", {"grad_accum_dtype": "fp32"})}
+#: (zero_stage, precision, sections added to the generated DeepSpeed config)
+OPTIMIZERS = {"fp32-zero1": (1, "fp32", {}), "fp32-zero2": (2, "fp32", {}), "bf16-zero2": (2, "bf16", {}),
+              "bf16-zero1-fp32-accumulation": (1, "bf16", {"data_types": {"grad_accum_dtype": "fp32"}}),
+              "fp32-zero2-aligned-elastic": (2, "fp32", {"zero_optimization": dict(
+                  parameter_alignment=True, elastic_checkpoint=True)})}
 
 
 def _step(engine, seed: int, dtype: torch.dtype) -> None:
@@ -81,11 +87,11 @@ def _rank(rank: int, world: int, port: int, variant: str, load_from: str | None,
     from moca_fast.train.engine import build_engine, generate_deepspeed_config, init_distributed, input_dtype
 
     dist_info = init_distributed()
-    zero_stage, precision, data_types = OPTIMIZERS[variant]
+    zero_stage, precision, sections = OPTIMIZERS[variant]
     cfg = load_config("tiny", overrides=dict(zero_stage=zero_stage, clip_grad=0.0, precision=precision))
     ds_config = generate_deepspeed_config(cfg, world, precision)
-    if data_types:
-        ds_config["data_types"] = data_types
+    for key, section in sections.items():
+        ds_config[key] = {**ds_config.get(key, {}), **section}
     torch.manual_seed(1 if load_from else 0)  # the loading engine starts from other weights
     engine, _ = build_engine(MOCA(cfg, world), cfg, dist_info, precision, ds_config)
     dtype = input_dtype(precision)
@@ -238,3 +244,15 @@ def test_rank_files_whose_shapes_do_not_add_up_to_the_model_are_refused_in_one_l
     assert message.startswith(f"{files}: the 2 ranks' optimiser files hold ") and "not the files of this model" in message
     _rewrite(files / MODEL_FILE, lambda state: state.pop("param_shapes"))
     assert _refused(files).startswith(f"{files / MODEL_FILE}: holds no parameter shapes")
+
+
+def test_round_robin_gradients_on_several_ranks_is_refused_in_one_line_naming_the_setting(files):
+    rank0 = _rank_file(files, 0)
+    _rewrite(rank0, lambda state: state["ds_config"]["zero_optimization"].update(round_robin_gradients=True))
+    assert _refused(files) == (f"{rank0}: written with zero_optimization.round_robin_gradients=true on 2 ranks, whose "
+                               f"parameter order DeepSpeed 0.19.8 does not record consistently: resume it on 2 ranks")
+    engine = SimpleNamespace(optimizer=SimpleNamespace(round_robin_gradients=True))
+    refuse_round_robin(engine, 1, 2)  # one rank: nothing interleaved
+    with pytest.raises(ConfigError, match=r"^zero_optimization.round_robin_gradients=true on 2 ranks: .* resume on 1 "
+                                          r"ranks or without round_robin_gradients$"):
+        refuse_round_robin(engine, 2, 1)

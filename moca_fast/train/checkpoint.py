@@ -39,7 +39,7 @@ from moca_fast.io.checkpoints import (CHECKPOINTS, DEEPSPEED_TAG, LATEST, META, 
 from moca_fast.io.safe_load import install_weights_only_loading, safe_load
 from moca_fast.output_files import atomic_file, fsync_path
 from moca_fast.train.engine import barrier
-from moca_fast.train.optimizer_state import load_full_state, read_full_state, sliced_groups
+from moca_fast.train.optimizer_state import load_full_state, read_full_state, refuse_round_robin, sliced_groups
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 
 log = logging.getLogger("moca_fast.train")
@@ -154,6 +154,8 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     written_by = read_meta(folder)["world_size"]
     rank = rank_and_world()[0]
     resliced = written_by != world_size and sliced_groups(engine) is not None
+    if resliced:
+        refuse_round_robin(engine, world_size, written_by)
     full_state = read_full_state(folder / DEEPSPEED_TAG, written_by) if resliced else None
     install_weights_only_loading(engine)
     loaded, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=not resliced,

@@ -8,18 +8,23 @@ so a checkpoint costs nothing more than DeepSpeed's own files, and only that rar
 
 The layout read back, per optimiser group (DeepSpeed 0.19.8; deepspeed/utils/zero_to_fp32.py reads the fp32
 weights the same way): the group's parameters, in the order of `param_shapes` in the model file
-(mp_rank_00_model_states.pt; ZeRO's round-robin order when round_robin_gradients is on), flattened one after the
-other, each followed by its alignment padding (`param_alignment_paddings`; none unless parameter_alignment is
+(mp_rank_00_model_states.pt), flattened one after the other, each followed by its alignment padding (`param_alignment_paddings`; none unless parameter_alignment is
 on), the whole padded to a multiple of 2 x ranks and cut into one equal partition per rank. The optimisers that
 write these files:
-- DeepSpeedZeroOptimizer (fp32 and bf16, ZeRO 1 and 2; with bf16 and data_types.grad_accum_dtype=fp32 from
-  ZeRO 2 on): the fp32 partition is written without its group padding (`group_paddings`, the part of the
+- DeepSpeedZeroOptimizer (fp32 and bf16, ZeRO 1 and 2; bf16 with data_types.grad_accum_dtype=fp32 only under
+  ZeRO 2): the fp32 partition is written without its group padding (`group_paddings`, the part of the
   partition past the group's end) and the moments with it (without it under elastic_checkpoint);
 - BF16_Optimizer (bf16, ZeRO 1 with data_types.grad_accum_dtype=fp32): partitions and moments whole.
 So rank after rank, each rank's fp32 partition and the same length of each moment make the group's flat state.
-Each file is checked (its partition count, groups, one partition size for all ranks, the moments at least as long
-as the partition, one Adam step count) and the flat state must hold the parameters of `param_shapes` exactly,
-up to the final padding: anything else is a ConfigError naming the file.
+Each file is checked (its partition count and groups, one partition size and one finite Adam step count for all
+ranks, moments as long as the partition with or without its padding, and the parameter fragments it says it
+holds where its place gives them), and the flat state must hold the parameters of `param_shapes` exactly, up to
+the final padding: anything else is a ConfigError naming the file.
+
+Refused in one line: zero_optimization.round_robin_gradients on more than one rank, in the checkpoint or in this
+run. DeepSpeed then stores the parameters interleaved over the ranks but links each one (its _hp_mapping, the
+fragments it writes to the files, its safe_get_full_* API) as if they were not, so neither the files' fragment
+lists nor the links that load_full_state writes through would be right.
 
 ZeRO 0 keeps no slices (fp32: torch's AdamW; bf16: FP16_UnfusedOptimizer with whole fp32 masters): its whole
 optimiser state is in DeepSpeed's model file, which DeepSpeed loads on any number of ranks (not tested here).
@@ -46,6 +51,16 @@ def sliced_groups(engine) -> list[list[torch.nn.Parameter]] | None:
         if groups is not None:
             return groups
     return None
+
+
+def refuse_round_robin(engine, world_size: int, written_by: int) -> None:
+    """A ConfigError where this engine's ZeRO optimiser interleaves the parameters over several ranks
+    (zero_optimization.round_robin_gradients): DeepSpeed 0.19.8 then links each parameter to another place of
+    its partition than the one it stores it at, so the state written through those links would be wrong."""
+    if getattr(engine.optimizer, "round_robin_gradients", False) and world_size > 1:
+        raise ConfigError(f"zero_optimization.round_robin_gradients=true on {world_size} ranks: DeepSpeed 0.19.8 "
+                          f"links its parameters to the wrong places of its partitions then, so the optimiser state "
+                          f"cannot be re-sliced into it: resume on {written_by} ranks or without round_robin_gradients")
 
 
 def optimizer_files(folder: Path, ranks: int) -> list[Path]:
@@ -120,6 +135,10 @@ def _rank_slices(path: Path, ranks: int, groups: int) -> dict:
     parameter's alignment padding}], "steps": [Adam's step count per group], "size": [partition size per group]}
     of one rank's optimiser file."""
     state = safe_load(path, map_location="cpu", allowed=deepspeed_globals(), mmap=True)
+    zero = state.get("ds_config", {}).get("zero_optimization", {}) if isinstance(state, dict) else {}
+    if isinstance(zero, dict) and zero.get("round_robin_gradients") and ranks > 1:
+        raise ConfigError(f"{path}: written with zero_optimization.round_robin_gradients=true on {ranks} ranks, whose "
+                          f"parameter order DeepSpeed 0.19.8 does not record consistently: resume it on {ranks} ranks")
     try:
         return _slices(state["optimizer_state_dict"], ranks, groups)
     except (KeyError, IndexError, AttributeError, TypeError, ValueError) as e:
@@ -153,7 +172,10 @@ def _slices(saved: dict, ranks: int, groups: int) -> dict:
         if mapping is not None:
             group["names"] = {str(name): (int(where.start), int(where.numel)) for name, where in mapping.items()}
         out["groups"].append(group)
-        out["steps"].append(float(moments["step"]))
+        step = float(moments["step"])
+        if not math.isfinite(step) or step < 0:
+            raise ValueError(f"Adam step count {step}")
+        out["steps"].append(step)
         out["size"].append(size)
     return out
 
