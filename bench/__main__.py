@@ -29,6 +29,8 @@ COMMANDS = {
     "profile": ("step_profile.py", "Where the step's time goes: GEMM, attention, losses, optimiser, data wait, "
                                    "...; Chrome traces"),
     "data": ("data.py", "Loader only: image pairs per second out of each data backend, no model"),
+    "checkpoints": ("checkpoints.py", "What a checkpoint costs: write time and bytes per checkpoint, resume time "
+                                      "on another number of ranks (CPU, gloo; --against main side by side)"),
     "scale": ("scale.py", "At ImageNet scale: scan speed, time to first step, worker memory, loader cost "
                           "(extrapolated)"),
     "device-check": ("device_check.sh", "The prepared run on a lent GPU: environment, training step, kernels, "

@@ -284,9 +284,9 @@ def test_steps_deepspeed_skips_are_logged_and_reported_at_the_end(one_process_gr
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A 4.4 MB tmpfs (room for two tiny checkpoints of 1.97 MB, optimizer_full.pt included, and the run files; not
-    for a third), if this process may mount one."""
-    with mounted_tmpfs(tmp_path / "full", "size=4400k",
+    """A 2.5 MB tmpfs (room for two tiny checkpoints and the run files; not for a third), if this process may
+    mount one."""
+    with mounted_tmpfs(tmp_path / "full", "size=2500k",
                        "mounting a tmpfs needs root (the injected-ENOSPC tests above still run)") as mount:
         yield mount
 

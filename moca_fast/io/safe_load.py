@@ -48,12 +48,13 @@ def _refused_type(path: Path, error: Exception) -> str:
     return str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
 
 
-def safe_load(path: str | os.PathLike, map_location=None, allowed: list | tuple = ()) -> object:
-    """torch.load(path, weights_only=True) allowing only `allowed` besides tensors and plain values."""
+def safe_load(path: str | os.PathLike, map_location=None, allowed: list | tuple = (), mmap: bool = False) -> object:
+    """torch.load(path, weights_only=True) allowing only `allowed` besides tensors and plain values; mmap: its
+    tensors read from the file when used (torch.load's mmap)."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointLoadError(f"{path}: refused to load {_refused_type(path, e)} (checkpoint files may hold "
                                   f"only tensors and plain values; loading it could run code)") from None

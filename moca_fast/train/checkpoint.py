@@ -4,10 +4,9 @@ reading them: moca_fast.io.checkpoints).
 Layout under <output>/checkpoints/:
   step_00000100/deepspeed/...        DeepSpeed's files: the module state (student, teacher, codebook
                                      words/pointer/dist_norm, generator BatchNorm statistics) and each
-                                     rank's ZeRO optimiser partition with its fp32 master weights
-  step_00000100/optimizer_full.pt    the whole fp32 master weights and Adam moments by parameter name, where
-                                     the optimiser slices them per rank (ZeRO 1/2, bf16): a resume on another
-                                     number of ranks re-slices them (optimizer_state.py)
+                                     rank's ZeRO optimiser partition with its fp32 master weights and Adam
+                                     moments (a resume on another number of ranks re-slices them from all the
+                                     ranks' files: optimizer_state.py)
   step_00000100/trainer_rank00000.pt per rank: optimiser-step counter, data position (global), RNG states
   step_00000100/meta.json            step, epoch, world size, precision, the resolved config, and
                                      "files": each other file's size and CRC-32 (verified on resume)
@@ -40,8 +39,7 @@ from moca_fast.io.checkpoints import (CHECKPOINTS, DEEPSPEED_TAG, LATEST, META, 
 from moca_fast.io.safe_load import install_weights_only_loading, safe_load
 from moca_fast.output_files import atomic_file, fsync_path
 from moca_fast.train.engine import barrier
-from moca_fast.train.optimizer_state import FILE as OPTIMIZER_FULL
-from moca_fast.train.optimizer_state import gather_full_state, load_full_state, sliced_groups
+from moca_fast.train.optimizer_state import load_full_state, read_full_state, refuse_round_robin, sliced_groups
 from moca_fast.train.run_guard import DiskFullError, agree, disk_full, mount_point
 
 log = logging.getLogger("moca_fast.train")
@@ -95,11 +93,9 @@ def save_checkpoint(engine, output: str | os.PathLike, step: int, trainer_state:
         tmp.mkdir(parents=True)
     barrier()
     device = getattr(engine, "device", torch.device("cpu"))
-    optimizer_full = gather_full_state(engine)  # a collective: before any rank may fail to write
     failure = _disk_full_during(root, lambda: (
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False),
-        torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank)),
-        optimizer_full is not None and torch.save(optimizer_full, tmp / OPTIMIZER_FULL)))
+        torch.save({**trainer_state, "rng": capture_rng()}, trainer_file(tmp, rank))))
     if agree(failure is None, device) and rank == 0:
         failure = _disk_full_during(root, lambda: _publish(root, tmp, final, name, {**meta, "step": step}, keep))
     if not agree(failure is None, device):
@@ -152,21 +148,22 @@ def _prune(root: Path, keep: int, newest: str) -> None:
 def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     """Collective. Loads module + optimiser into `engine`; returns this rank's trainer state (with "rng", to be
     restored by the caller right before training continues). On another number of ranks than the checkpoint's,
-    the optimiser state is re-sliced from optimizer_full.pt, and a rank the checkpoint did not have gets
-    "rng": None (it keeps the generators the run seeded for it)."""
+    the optimiser state is re-sliced from all the old ranks' optimiser files (read before DeepSpeed loads
+    anything), and a rank the checkpoint did not have gets "rng": None (it keeps the generators the run seeded
+    for it). An optimizer_full.pt written by earlier versions is not read."""
     written_by = read_meta(folder)["world_size"]
     rank = rank_and_world()[0]
     resliced = written_by != world_size and sliced_groups(engine) is not None
-    if resliced and not (folder / OPTIMIZER_FULL).is_file():
-        raise ConfigError(f"checkpoint {folder} was written by {written_by} ranks, this run has {world_size}, and it "
-                          f"holds no {OPTIMIZER_FULL} (written by an older moca_fast): resume it on {written_by} ranks")
+    if resliced:
+        refuse_round_robin(engine, world_size, written_by)
+    full_state = read_full_state(folder / DEEPSPEED_TAG, written_by) if resliced else None
     install_weights_only_loading(engine)
     loaded, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=not resliced,
                                        load_lr_scheduler_states=False)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint in {folder / DEEPSPEED_TAG}")
     if resliced:
-        load_full_state(engine, safe_load(folder / OPTIMIZER_FULL, map_location="cpu"), folder / OPTIMIZER_FULL)
+        load_full_state(engine, full_state, folder / DEEPSPEED_TAG)
     if rank < written_by:
         return safe_load(trainer_file(folder, rank), map_location="cpu")
     return {**safe_load(trainer_file(folder, 0), map_location="cpu"), "rng": None}
