@@ -137,7 +137,8 @@ def _tree_row(tree: Path, label: str, preset: str, args, scratch: Path) -> dict:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], cwd=tree,
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"tree": label, "preset": preset, "failed": proc.stderr.strip().splitlines()[-1:]}
+        # the ranks' own lines too (a rank killed by a signal, e.g. SIGABRT, leaves its cause only there)
+        return {"tree": label, "preset": preset, "failed": proc.stderr.strip().splitlines()[-30:]}
     row = {"tree": label, "preset": preset, **json.loads(proc.stdout.strip().splitlines()[-1])}
     if not Path(row["moca_fast"]).is_relative_to(tree):  # the installed package shadowed the tree's
         return {"tree": label, "preset": preset, "failed": [f"measured {row['moca_fast']}, not {tree}"]}

@@ -14,7 +14,7 @@ def test_the_smoke_run_times_a_write_and_a_resume_on_another_number_of_ranks(tmp
     out = tmp_path / "checkpoints.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "checkpoints", "--small", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-3000:])
     [row] = json.loads(out.read_text())["rows"]
     assert row["tree"] == "this" and row["preset"] == "tiny"
     assert Path(row["moca_fast"]) == ROOT / "moca_fast"
