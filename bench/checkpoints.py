@@ -117,12 +117,11 @@ def _measure(job: dict) -> dict:
     import torch.multiprocessing as mp
 
     import moca_fast
-    from free_port import free_port
 
     output = Path(job["output"])
-    mp.spawn(_rank, args=(job, job["ranks_before"], free_port(), False), nprocs=job["ranks_before"], join=True)
+    mp.spawn(_rank, args=(job, job["ranks_before"], job["ports"][0], False), nprocs=job["ranks_before"], join=True)
     checkpoint = sorted((output / "checkpoints").glob("step_*"))[-1]
-    mp.spawn(_rank, args=({**job, "checkpoint": str(checkpoint)}, job["ranks_after"], free_port(), True),
+    mp.spawn(_rank, args=({**job, "checkpoint": str(checkpoint)}, job["ranks_after"], job["ports"][1], True),
              nprocs=job["ranks_after"], join=True)
     return {"write_s": statistics.median(json.loads((output / "writes.json").read_text())),
             "bytes": _bytes_by_kind(checkpoint), "resume_s": json.loads((output / "resume.json").read_text())[0],
@@ -130,10 +129,12 @@ def _measure(job: dict) -> dict:
 
 
 def _tree_row(tree: Path, label: str, preset: str, args, scratch: Path) -> dict:
+    from moca_fast.distributed import free_port  # not at the top: the worker runs this file on the measured tree
+
     job = {"preset": preset, "batch": args.batch, "writes": args.writes, "zero_stage": args.zero_stage,
            "ranks_before": args.ranks_before, "ranks_after": args.ranks_after,
-           "output": str(scratch / f"{label}-{preset}")}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "tests")])}
+           "output": str(scratch / f"{label}-{preset}"), "ports": [free_port(), free_port()]}
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], cwd=tree,
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:

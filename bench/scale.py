@@ -30,7 +30,6 @@ import os
 import pickle
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from moca_fast.data.image_list import synthetic_image_list  # noqa: E402
 from moca_fast.data.scan import scan_images  # noqa: E402
 from moca_fast.data.scan_cache import journal_folder, scans_folder  # noqa: E402
+from moca_fast.distributed import free_port  # noqa: E402
 
 IMAGENET_FILES = 1_281_167
 NODE_CORES = 16
@@ -112,18 +112,12 @@ def timed_scan(root: Path, processes: int, cold: bool) -> dict:
             "files_per_cpu_s": len(images) / cpu, "checked": stats["checked"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_first_step(root: Path, output: Path, cold: bool) -> dict:
     """Seconds from `deepspeed --num_gpus 2 launch/train.py` to the first metrics line."""
     if cold:
         shutil.rmtree(journal_folder(root, scans_folder()), ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "launch" / "train.py"),
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
                "--preset", "tiny", "--data", str(root), "--output", str(output), "--max-steps", "1",
                "--batch-size", "8", "--data-backend", "torch", "log_every=1", "num_workers=1", "ckpt_every=1000"]
     started = time.perf_counter()

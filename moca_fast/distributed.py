@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import socket
 import threading
 
 import torch
@@ -9,6 +10,13 @@ import torch.distributed as dist
 
 #: seconds between rank 0's heartbeats while it computes alone (on_rank0)
 HEARTBEAT_S = 1.0
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a process group's master port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_and_world() -> tuple[int, int]:

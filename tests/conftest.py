@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from free_port import free_port
+from moca_fast.distributed import free_port
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moca_fast.config import load_config
+from moca_fast.distributed import free_port
 from moca_fast.errors import ConfigError
-from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

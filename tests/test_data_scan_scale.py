@@ -286,7 +286,7 @@ KNN_RUN = textwrap.dedent("""
 
 
 def test_a_run_scans_its_knn_folders_once_whatever_the_number_of_evaluations(tmp_path):
-    from free_port import free_port
+    from moca_fast.distributed import free_port
     from jpeg_folder import write_class_folders
 
     folders = [str(write_class_folders(tmp_path / name, 4)) for name in ("train", "bank", "val")]

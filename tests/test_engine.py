@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from moca_fast.config import load_config
 from moca_fast.errors import ConfigError
 from moca_fast.train.engine import generate_deepspeed_config, load_user_deepspeed_config, merge_user_config
-from free_port import free_port
+from moca_fast.distributed import free_port
 
 EMA_RTOL = 1e-6  # fp32 EMA recomputed from the same fp32 operands
 

@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from free_port import free_port
 from moca_fast.config import load_config
+from moca_fast.distributed import free_port
 
 COMBOS = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")]
 #: the tiny preset at 4 x 4 patches, 2 image pairs (bench/throughput.py --small): seconds per engine

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from moca_fast.distributed import free_port
 from jpeg_folder import write_class_folders
-from free_port import free_port
 from test_train_e2e import LAUNCH, REPO, TINY_RUN, _assert_identical, _deepspeed_cli, _env, _load, _metrics
 
 FOREVER = ["--max-steps", "100000", "epochs=1000"]

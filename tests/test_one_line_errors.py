@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from free_port import free_port
+from moca_fast.distributed import free_port
 from test_safety import _launch
 from test_train_e2e import LAUNCH, REPO, TINY_RUN, _deepspeed_cli, _env
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from free_port import free_port
 from moca_fast.config import load_config
+from moca_fast.distributed import free_port
 from moca_fast.errors import ConfigError
 from moca_fast.io.safe_load import deepspeed_globals
 from moca_fast.train.optimizer_state import MODEL_FILE, read_full_state, refuse_round_robin

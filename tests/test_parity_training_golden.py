@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from free_port import free_port
+
+from moca_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

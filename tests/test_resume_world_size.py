@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from free_port import free_port
 from moca_fast.config import load_config
+from moca_fast.distributed import free_port
 from moca_fast.errors import ConfigError
 from moca_fast.train.loop import RUN_FIELDS
 from moca_fast.train.run_guard import check_resume_settings_on

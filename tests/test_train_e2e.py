@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from free_port import free_port
+from moca_fast.distributed import free_port
 from jpeg_folder import write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]

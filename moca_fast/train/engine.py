@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from moca_fast.config import Config
+from moca_fast.distributed import free_port
 from moca_fast.errors import ConfigError
 from moca_fast.model.fastpath import prepare_fast, trainer_fast_options
 from moca_fast.train.host_syncs import reduce_host_syncs
@@ -83,12 +83,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistInfo:
     """Starts the process group through DeepSpeed (NCCL on GPUs, gloo on CPU).
 
@@ -100,7 +94,7 @@ def init_distributed() -> DistInfo:
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -1,8 +1,0 @@
-"""Test helper: a free TCP port on the loopback address, for process groups and launchers."""
-import socket
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
